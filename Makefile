@@ -1,0 +1,33 @@
+# Every target creates and reuses .venv in the repo root; nothing else on the machine is assumed.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test check-sync nbtest pytest clean-nbs export
+
+venv: $(STAMP)
+
+$(STAMP): settings.ini setup.py
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+## export the notebooks into pot/ and clean them (what a contributor runs before committing)
+export: venv
+	$(BIN)/nbdev_export
+	$(BIN)/nbdev_clean
+
+## fail when pot/ is out of step with nbs/ or a notebook is not clean
+check-sync: venv
+	$(PY) tests/check_sync.py
+
+nbtest: venv
+	$(BIN)/nbdev_test --n_workers 2 --timing
+
+pytest: venv
+	$(BIN)/pytest -q tests
+
+test: check-sync nbtest pytest
