@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test check-sync nbtest pytest clean-nbs export
+.PHONY: venv test check-sync nbtest pytest export demo
 
 venv: $(STAMP)
 
@@ -31,3 +31,9 @@ pytest: venv
 	$(BIN)/pytest -q tests
 
 test: check-sync nbtest pytest
+
+## the main job on the embedded default: ToyVOC (generated on first use), train POT, infer and score CAMs
+demo: venv
+	mkdir -p outputs/demo
+	$(BIN)/papermill nbs/train.ipynb outputs/demo/train.ipynb -k python3 --cwd . $(ARGS)
+	$(PY) -c 'from pot.cams import print_summary; print_summary("outputs/demo")'

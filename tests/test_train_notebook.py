@@ -1,0 +1,52 @@
+"""The main job end to end: `papermill nbs/train.ipynb` on a tiny ToyVOC, and its parameters vs POTConfig."""
+import ast
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import papermill as pm
+import pytest
+
+from pot.core import POTConfig, load_json
+
+ROOT = Path(__file__).resolve().parents[1]
+NB = ROOT / "nbs" / "train.ipynb"
+
+
+def parameters_cell() -> dict:
+    "The papermill `parameters` cell of train.ipynb as a dict of literal values."
+    nb = json.loads(NB.read_text())
+    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, "train.ipynb must have exactly one cell tagged 'parameters'"
+    tree = ast.parse("".join(cells[0]["source"]))
+    return {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)}
+
+
+def test_parameters_match_config():
+    params = parameters_cell()
+    defaults = POTConfig().to_dict()
+    fields = [f.name for f in dataclasses.fields(POTConfig)]
+    assert [k for k in params if k in defaults] == fields, "parameters must list every POTConfig field, in order"
+    assert {k: params[k] for k in fields} == defaults
+    assert set(params) - set(fields) == {"toyvoc"}
+
+
+def test_train_notebook_runs(tmp_path):
+    out = tmp_path / "run"
+    pm.execute_notebook(
+        str(NB), str(tmp_path / "train.ipynb"), kernel_name="python3", cwd=str(ROOT), progress_bar=False,
+        parameters=dict(data_root=str(tmp_path / "toy"), out_dir=str(out), epochs=1, batch_size=4, crop=64,
+                        feature_stride=8, cam_scales=[1.0, 0.5], log_every=2, device="cpu",
+                        toyvoc=dict(n_train=12, n_val=0, size=64)))
+    metrics = load_json(out / "metrics.json")
+    assert metrics["cam_split"] == "train"
+    for name in ("classifier", "pot_k1", "pot"):
+        assert 0.0 <= metrics["cam_miou"][name] <= 100.0
+        assert metrics["cam_eval"][name]["n_images"] == 12
+    assert len(list((out / "cams").glob("*.npz"))) == 12
+    assert (out / "figures" / "cam_overlays_train.png").is_file()
+    assert (out / "ckpt" / "final.pt").is_file() and (out / "config.json").is_file()
+    executed = json.loads((tmp_path / "train.ipynb").read_text())
+    assert any("CAM mIoU on the train split" in "".join(o.get("text", ""))
+               for c in executed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []))
