@@ -232,7 +232,9 @@ def test_cli_builds_and_evaluates(model, toy, tmp_path, capsys, monkeypatch):
     assert "CAM mIoU" in capsys.readouterr().out
 
 
-def test_cli_reports_bad_input_without_traceback(tmp_path, monkeypatch):
+def test_cli_reports_bad_input_without_traceback(toy, tmp_path, monkeypatch):
     monkeypatch.setattr(ce, "_openai_weights_file", lambda: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(SystemExit, match="pot-clip-cams: error: pretrained='openai'"):
-        ce.clip_cams_cli(["--data-root", str(tmp_path), "--out", str(tmp_path / "c")])
+        ce.clip_cams_cli(["--data-root", str(toy), "--dataset", "toyvoc", "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match="no split file"):
+        ce.clip_cams_cli(["--data-root", str(tmp_path), "--out", str(tmp_path / "c"), "--pretrained", "none"])

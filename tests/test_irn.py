@@ -285,8 +285,9 @@ def test_bad_input(sim, toy, tmp_path):
 
 # --- the experiment notebook -----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["crf", "irn"])
-def test_pseudo_labels_notebook(sim, tmp_path, method):
+def test_pseudo_labels_notebook(sim, tmp_path, method, monkeypatch):
     pm = pytest.importorskip("papermill")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")                      # the kernel's torch: one thread, as the other runs
     run = copy_run(sim, tmp_path / "run")
     params = dict(run_dir=str(run), method=method, n_workers=2, device="cpu", irn_pretrained=None,
                   irn_overrides=dict(crop=48, batch_size=4, epochs=1, radius=5))
