@@ -56,7 +56,8 @@ def batch_cams(model, imgs: list, labels: torch.Tensor, size: tuple, cfg: POTCon
     dev = next(model.parameters()).device
     labels = labels.to(dev)
     present = labels[..., None, None] > 0
-    outs = [model(x.flatten(0, 1).to(dev)) for x in imgs]
+    if len(imgs) != len(cfg.cam_scales): raise BadInputError(f"batch_cams: {len(imgs)} image scales; expected cam_scales={cfg.cam_scales}")
+    outs = [model(x.flatten(0, 1).to(dev), features=s in cfg.pot_scales) for s, x in zip(cfg.cam_scales, imgs)]
     cls = sum(F.interpolate(o["cams"].float(), size=size, mode="bilinear", align_corners=False) for o in outs)
     cls = max_normalize(_unflip(cls)) * present                                   # (B,C,H,W)
     seeds = cls if seeds is None else seeds.to(dev)                               # classifier seed: the fused classifier CAM
@@ -64,7 +65,7 @@ def batch_cams(model, imgs: list, labels: torch.Tensor, size: tuple, cfg: POTCon
     res = {"cls": cls}
     for k in dict.fromkeys((cfg.K, *Ks)):
         acc = 0
-        for o in outs:
+        for o in (o for o in outs if "F" in o):
             f = o["F"].float()
             s = F.interpolate(seeds, size=f.shape[-2:], mode="bilinear", align_corners=False)
             s = torch.stack([s, s.flip(-1)], 1).flatten(0, 1)                      # the flipped copy sees a flipped seed

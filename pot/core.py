@@ -75,6 +75,7 @@ class POTConfig:
     log_every: int = 10              # steps between lines of metrics.jsonl
     num_workers: int = 0
     cam_scales: tuple = (1.0, 0.5, 1.5, 2.0)
+    pot_scales: tuple = (1.0,)       # the scales of cam_scales at which POT refines at inference (11_cams)
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda
 
@@ -94,6 +95,9 @@ class POTConfig:
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise BadInputError(f"POTConfig.grad_clip={self.grad_clip}; expected a positive number or None (no clipping)")
         self.cam_scales = tuple(float(s) for s in self.cam_scales)
+        self.pot_scales = tuple(float(s) for s in self.pot_scales)
+        if not self.pot_scales or not set(self.pot_scales) <= set(self.cam_scales):
+            raise BadInputError(f"POTConfig.pot_scales={self.pot_scales}; expected a non-empty subset of cam_scales={self.cam_scales}")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "POTConfig":

@@ -21,9 +21,9 @@ from .metrics import SegEvaluator, to_numpy
 from .viz import read_label_png, save_palette_png
 
 # %% auto #0
-__all__ = ['CRF_PRESETS', 'CRF_DEFAULTS', 'check_crf_params', 'crf_inference', 'cam_probs', 'label_probs', 'crf_label',
-           'simulate_cams', 'make_simulated_run', 'read_image_cams', 'default_workers', 'make_crf_labels',
-           'evaluate_pseudo_labels']
+__all__ = ['CRF_PRESETS', 'CRF_DEFAULTS', 'LABEL_MAKERS', 'check_crf_params', 'crf_inference', 'cam_probs', 'label_probs',
+           'crf_label', 'simulate_cams', 'make_simulated_run', 'read_image_cams', 'label_png_ok', 'run_source',
+           'default_workers', 'make_crf_labels', 'evaluate_pseudo_labels']
 
 # %% ../nbs/13_crf.ipynb #311a1c2d
 CRF_PRESETS = {
@@ -189,7 +189,7 @@ def read_image_cams(run_dir, name: str, which: str, labels, size: tuple[int, int
     return keys, maps.astype(np.float32)
 
 
-def _label_ok(path: Path, size: tuple[int, int]) -> bool:
+def label_png_ok(path: Path, size: tuple[int, int]) -> bool:
     "True when `path` is a fully decodable label PNG of size `size` (a torn or foreign file is not)."
     if not path.is_file(): return False
     try: return read_label_png(path).shape == tuple(size)
@@ -210,7 +210,7 @@ class _CRFJob:
         img = ds.image(i)
         png = self.out / f"{name}.png"
         existed = png.is_file()
-        if _label_ok(png, img.shape[:2]): return name, "kept", time.process_time() - t0
+        if label_png_ok(png, img.shape[:2]): return name, "kept", time.process_time() - t0
         keys, maps = read_image_cams(self.run_dir, name, o["which"], ds.labels(i), img.shape[:2])
         try:
             label = crf_label(img, maps, keys, bg=o["bg"], alpha=o["alpha"], conf_threshold=o["conf_threshold"], **o["crf"])
@@ -235,7 +235,7 @@ def _run_job(i: int) -> tuple[str, str, float]:
     return _JOB(i)
 
 # %% ../nbs/13_crf.ipynb #a9963b65
-def _run_source(run_dir: Path, dataset: str | None, data_root: str | None, split: str | None) -> tuple[str, str, str]:
+def run_source(run_dir: Path, dataset: str | None, data_root: str | None, split: str | None) -> tuple[str, str, str]:
     "(dataset, data_root, split): the arguments, else the run's config.json."
     if dataset is None or data_root is None or split is None:
         cfg_path = run_dir / "config.json"
@@ -259,7 +259,7 @@ def make_crf_labels(run_dir, split: str | None = None, which: str = "final", out
                     overwrite: bool = False, start_method: str | None = None, **crf_params) -> dict:
     "DenseCRF pseudo labels (palette PNGs, 255 = unsure) of every image of `split` from the run's CAMs `which`; parallel, resumable."
     run_dir = Path(run_dir)
-    dataset, data_root, split = _run_source(run_dir, dataset, data_root, split)
+    dataset, data_root, split = run_source(run_dir, dataset, data_root, split)
     ds = load_dataset(dataset, data_root, split)
     out = Path(out) if out is not None else run_dir / "pseudo_labels" / "crf"
     crf = check_crf_params(crf_params)
@@ -302,13 +302,16 @@ def make_crf_labels(run_dir, split: str | None = None, which: str = "final", out
                 wall_s=wall, cpu_s_per_image=float(np.mean(cpu)) if cpu else None)
 
 # %% ../nbs/13_crf.ipynb #97813000
+LABEL_MAKERS = dict(crf="pot.crf.make_crf_labels", ir="pot.irn.cam_to_ir_label", irn="pot.irn.make_irn_labels")
+
+
 def evaluate_pseudo_labels(run_dir, split: str | None = None, method: str = "crf", label_dir=None,
                            unsure: str = "ignore", dataset: str | None = None, data_root: str | None = None,
                            limit: int | None = None, n_overlays: int = 4, write: bool = True) -> dict:
     "SegEvaluator result (mIoU, precision, recall; split, which) of the pseudo labels `run_dir/pseudo_labels/<method>/` on `split`."
     if unsure not in ("ignore", "background"): raise BadInputError(f"unsure={unsure!r}; expected 'ignore' or 'background'")
     run_dir = Path(run_dir)
-    dataset, data_root, split = _run_source(run_dir, dataset, data_root, split)
+    dataset, data_root, split = run_source(run_dir, dataset, data_root, split)
     ds = load_dataset(dataset, data_root, split)
     label_dir = Path(label_dir) if label_dir is not None else run_dir / "pseudo_labels" / method
     params = load_json(label_dir / "params.json") if (label_dir / "params.json").is_file() else {}
@@ -319,7 +322,7 @@ def evaluate_pseudo_labels(run_dir, split: str | None = None, method: str = "crf
         gt = ds.mask(i)
         if gt is None: raise BadInputError(f"split {split!r} of {ds.root} has no ground-truth mask for {ds.name(i)}")
         png = label_dir / f"{ds.name(i)}.png"
-        if not png.is_file(): raise BadInputError(f"{png}: no pseudo label for image {ds.name(i)}; run make_{method}_labels first")
+        if not png.is_file(): raise BadInputError(f"{png}: no pseudo label for image {ds.name(i)}; run {LABEL_MAKERS.get(method, 'the labelling step')} first")
         pred = read_label_png(png)
         if pred.shape != gt.shape: raise BadInputError(f"{png}: size {pred.shape} differs from the ground truth's {gt.shape} (image {ds.name(i)})")
         valid = gt != 255

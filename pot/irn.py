@@ -8,10 +8,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 import multiprocessing as mp
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, asdict
@@ -25,14 +23,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import (BadInputError, append_jsonl, atomic_write, check_finite, env_info, load_checkpoint, load_json,
-                      read_jsonl, resolve_device, save_checkpoint, save_json, seed_everything)
-from .crf import (CRF_PRESETS, _label_ok, _run_source, check_crf_params, crf_inference, default_workers,
+from .core import BadInputError, load_checkpoint, load_json, resolve_device, save_json
+from .crf import (CRF_PRESETS, label_png_ok, run_source, check_crf_params, crf_inference, default_workers,
                      label_probs, read_image_cams)
 from .data import TrainDataset, load_dataset, normalize_image
 from .model import build_resnet, calibrate_bn, freeze_stem_and_bn, load_imagenet_weights, resize, stage_channels
-from .train import (_amp, _barrier, _mean_over_ranks, check_same_config, epoch_batches, init_distributed,
-                       poly_lr, rng_state, set_rng_state)
+from .train import epoch_batches, fit
 from .viz import image_grid, read_label_png, save_palette_png
 
 # %% auto #0
@@ -83,7 +79,7 @@ class _ImageJob:
         size = self.ds.image_size(i)
         png = self.out / f"{name}.png"
         existed = png.is_file()
-        if _label_ok(png, size): return name, "kept", time.process_time() - t0
+        if label_png_ok(png, size): return name, "kept", time.process_time() - t0
         img = self.ds.image(i)
         keys, maps = read_image_cams(self.run_dir, name, self.opts["which"], self.ds.labels(i), img.shape[:2])
         try: label = self.label(img, maps, keys)
@@ -162,7 +158,7 @@ def cam_to_ir_label(run_dir, split: str | None = None, which: str = "final", con
                     start_method: str | None = None) -> dict:
     "IR labels (palette PNGs: confident classes, 0, 255 = unsure) of every image of `split` from the run's CAMs `which`; parallel, resumable."
     run_dir = Path(run_dir)
-    dataset, data_root, split = _run_source(run_dir, dataset, data_root, split)
+    dataset, data_root, split = run_source(run_dir, dataset, data_root, split)
     ds = load_dataset(dataset, data_root, split)
     out = Path(out) if out is not None else run_dir / "pseudo_labels" / "ir"
     crf = {k: v for k, v in check_crf_params({**CRF_PRESETS["irn"], **(crf or {})}).items() if k != "clip"}
@@ -443,12 +439,6 @@ def _init_encoder(model: IRNet, cfg: IRNConfig, run_dir: Path) -> bool:
     load_imagenet_weights(model, cfg.pretrained)
     return True
 
-
-def _irn_state(model, optimizer, scaler, step, cfg, world) -> dict:
-    "Everything a resumed IRN run needs, weights_only-loadable."
-    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
-                rng=rng_state(), config=cfg.to_dict(), world_size=world)
-
 # %% ../nbs/14_irn.ipynb #a43731e9
 def irn_dataset(run_dir, cfg: IRNConfig, split: str, dataset: str, data_root) -> TrainDataset:
     "Training crops of `split` with the run's IR labels as masks (all of them must exist)."
@@ -474,86 +464,26 @@ def train_irn(run_dir, cfg: IRNConfig | None = None, split: str | None = None, r
               dataset: str | None = None, data_root: str | None = None) -> Path:
     "Train IRN on the IR labels of `run_dir` (split `split`, default the run's eval split) into `run_dir/irn/`; resumable; returns it."
     run_dir = Path(run_dir)
-    dataset, data_root, split = _run_source(run_dir, dataset, data_root, split)
+    dataset, data_root, split = run_source(run_dir, dataset, data_root, split)
     cfg = cfg or IRNConfig.preset("toyvoc" if dataset == "toyvoc" else dataset)
-    out = run_dir / "irn"; ckpt_dir = out / "ckpt"
-    final, last = ckpt_dir / "final.pt", ckpt_dir / "last.pt"
-    device = resolve_device(cfg.device)
-    rank, world, device, created = init_distributed(device)
-    try:
-        if resume and (out / "config.json").exists(): check_same_config(load_json(out / "config.json")["config"], cfg, out)
-        if resume and final.exists(): return out
-        if rank == 0 and not resume:
-            shutil.rmtree(ckpt_dir, ignore_errors=True); (out / "metrics.jsonl").unlink(missing_ok=True)
-        _barrier(world)
-        start = load_checkpoint(last, map_location=device) if resume and last.exists() else None
+    paths = RelationPaths(cfg.radius)
+
+    def build(start, device):
         tds = irn_dataset(run_dir, cfg, split, dataset, data_root)
-        seed_everything(cfg.seed)
         model = new_irn(cfg, run_dir, tds, device) if start is None else IRNet(cfg.backbone, cfg.train_backbone).to(device)
-        paths = RelationPaths(cfg.radius)
-        steps_per_epoch = len(epoch_batches(len(tds), cfg.batch_size, 0, cfg.seed))
-        total = cfg.epochs * steps_per_epoch
-        loader = lambda batches: DataLoader(tds, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
         optimizer = torch.optim.SGD(irn_param_groups(model, cfg.lr, cfg.dp_lr_mult), lr=cfg.lr, momentum=cfg.momentum,
                                     weight_decay=cfg.weight_decay)
-        amp_on, amp_dtype, scaler = _amp(cfg, device)
-        step = 0
-        if start is not None:
-            model.load_state_dict(start["model"]); optimizer.load_state_dict(start["optimizer"])
-            scaler.load_state_dict(start["scaler"]); set_rng_state(start["rng"]); step = int(start["step"])
-        net = model
-        if world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                            broadcast_buffers=False)
-        if rank == 0:
-            save_json(out / "config.json", dict(config=cfg.to_dict(), dataset=dataset, data_root=str(data_root), split=split,
-                                                env=dict(env_info(), world_size=world, device=str(device)),
-                                                steps_per_epoch=steps_per_epoch, total_steps=total))
-            log = out / "metrics.jsonl"
-            if log.exists():   # drop what a killed run logged after its last checkpoint
-                kept = [r for r in read_jsonl(log) if r["step"] <= step]
-                with atomic_write(log, "w") as f: f.writelines(json.dumps(r) + "\n" for r in kept)
-        keys = ("loss", "loss_bg_pos", "loss_fg_pos", "loss_neg", "loss_dp_fg", "loss_dp_bg")
-        bar = tqdm(total=total, initial=step, desc=f"train IRN {run_dir.name}", disable=rank != 0, dynamic_ncols=True)
-        net.train()
-        t_log, c_log, acc = time.time(), time.process_time(), []
-        while step < total:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            tds.set_epoch(epoch)
-            for batch in loader(epoch_batches(len(tds), cfg.batch_size, epoch, cfg.seed, rank, world)[in_epoch:]):
-                lr_now = poly_lr(cfg.lr, step, total)
-                for group in optimizer.param_groups: group["lr"] = lr_now * group["lr_mult"]
-                img = batch["img"].to(device, non_blocking=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_on):
-                    o = net(img)
-                label = grid_labels(batch["mask"].to(device), o["edge"].shape[-2:])
-                with torch.autocast(device.type, enabled=False):
-                    losses = irn_losses(o, label, paths, world)
-                check_finite("IRN training loss", losses["loss"].detach())
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses["loss"]).backward()
-                scaler.step(optimizer); scaler.update()
-                step += 1
-                vals = _mean_over_ranks([losses[k].item() for k in keys], world, device)
-                acc.append(vals + [float(losses[f"n_{k}"]) for k in AFF_KEYS])
-                bar.update(1); bar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{lr_now:.2e}")
-                if rank == 0 and (step % cfg.log_every == 0 or step == total):
-                    m = np.mean(acc, 0)
-                    append_jsonl(out / "metrics.jsonl", dict(step=step, epoch=epoch, **{k: float(v) for k, v in zip(keys, m)},
-                                 **{f"n_{k}": float(v) for k, v in zip(AFF_KEYS, m[len(keys):])}, lr=lr_now,
-                                 sec_per_step=(time.time() - t_log) / len(acc), cpu_sec_per_step=(time.process_time() - c_log) / len(acc)))
-                    t_log, c_log, acc = time.time(), time.process_time(), []
-                if step < total and step % cfg.ckpt_every == 0:
-                    if rank == 0: save_checkpoint(last, _irn_state(model, optimizer, scaler, step, cfg, world))
-                    _barrier(world)
-        bar.close()
-        if rank == 0:
-            save_checkpoint(final, _irn_state(model, optimizer, scaler, step, cfg, world))
-            last.unlink(missing_ok=True)
-        _barrier(world)
-        return out
-    finally:
-        if created: dist.destroy_process_group()
+        return model, optimizer, tds
+
+    def step_losses(net, batch, step, rank):
+        o = net(batch["img"])
+        label = grid_labels(batch["mask"], o["edge"].shape[-2:])
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        with torch.autocast(batch["img"].device.type, enabled=False):
+            return irn_losses(o, label, paths, world)
+
+    return fit(run_dir / "irn", cfg, build, step_losses, desc=f"train IRN {run_dir.name}", resume=resume,
+               meta=dict(dataset=dataset, data_root=str(data_root), split=split))
 
 
 def load_irn(run_dir, map_location="cpu") -> tuple[IRNet, IRNConfig]:
@@ -675,7 +605,7 @@ def make_irn_labels(run_dir, split: str | None = None, which: str = "final", bet
                     overwrite: bool = False, n_figure: int = 4) -> dict:
     "IRN semantic pseudo labels (palette PNGs) of every image of `split`: random walk of the CAMs `which` on IRN's boundaries; resumable."
     run_dir = Path(run_dir)
-    dataset, data_root, split = _run_source(run_dir, dataset, data_root, split)
+    dataset, data_root, split = run_source(run_dir, dataset, data_root, split)
     ds = load_dataset(dataset, data_root, split)
     out = Path(out) if out is not None else run_dir / "pseudo_labels" / "irn"
     if method not in WALK_METHODS: raise BadInputError(f"method={method!r}; expected one of {WALK_METHODS}")
@@ -694,7 +624,7 @@ def make_irn_labels(run_dir, split: str | None = None, which: str = "final", bet
     for i in tqdm(range(n), desc=f"IRN labels {split}", disable=n == 0):
         name, png = ds.name(i), out / f"{ds.name(i)}.png"
         existed = png.is_file()
-        if _label_ok(png, ds.image_size(i)): status.append("kept"); continue
+        if label_png_ok(png, ds.image_size(i)): status.append("kept"); continue
         img = ds.image(i)
         keys, maps = read_image_cams(run_dir, name, which, ds.labels(i), img.shape[:2])
         if len(keys) == 0: raise BadInputError(f"image {name}: no present class; expected at least one")
@@ -740,7 +670,7 @@ def irn_cli(argv=None) -> None:
     a = vars(irn_parser().parse_args(argv))
     run_dir, split, stage, preset, which = (a.pop(k) for k in ("run_dir", "split", "stage", "preset", "which"))
     resume = not a.pop("no_resume")
-    dataset, _, split = _run_source(Path(run_dir), None, None, split)
+    dataset, _, split = run_source(Path(run_dir), None, None, split)
     cfg = IRNConfig.preset(preset or ("toyvoc" if dataset == "toyvoc" else dataset), **a)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and stage != "train":
         raise BadInputError("under torchrun only --stage train runs (IR labels and the random walk are single-process stages)")

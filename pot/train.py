@@ -8,18 +8,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
-import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -34,7 +32,7 @@ from .data import load_dataset, TrainDataset
 # %% auto #0
 __all__ = ['RUNTIME_FIELDS', 'BN_CALIB_BATCHES', 'valid_on_grid', 'seeds_on_grid', 'consistency_weight', 'global_weight_share',
            'pot_step_losses', 'epoch_batches', 'poly_lr', 'init_distributed', 'rng_state', 'set_rng_state',
-           'check_same_config', 'clip_seed_loader', 'make_optimizer', 'train', 'load_trained', 'config_parser',
+           'check_same_config', 'clip_seed_loader', 'make_optimizer', 'fit', 'train', 'load_trained', 'config_parser',
            'config_from_args', 'train_cli']
 
 # %% ../nbs/10_train.ipynb #4315837a
@@ -147,7 +145,7 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
 
 # %% ../nbs/10_train.ipynb #17aa8044
-RUNTIME_FIELDS = ("device", "num_workers", "eval_split", "cam_scales", "beta_fuse", "log_every", "ckpt_every")
+RUNTIME_FIELDS = ("device", "num_workers", "eval_split", "cam_scales", "pot_scales", "beta_fuse", "log_every", "ckpt_every")
 
 
 def check_same_config(stored: dict, cfg: POTConfig, run_dir) -> None:
@@ -203,52 +201,64 @@ def make_optimizer(model, cfg: POTConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(param_groups(model, cfg.lr), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
 
 # %% ../nbs/10_train.ipynb #728bfb49
-def train(cfg: POTConfig, resume: bool = True) -> Path:
-    "Train POT as `cfg` says into the run folder `cfg.out_dir` (resuming from its last checkpoint); return the folder."
+def _value(v) -> float:
+    return float(v.detach()) if torch.is_tensor(v) else float(v)
+
+
+def fit(out, cfg, build: Callable, step_losses: Callable, *, desc: str = "train", meta: dict | None = None,
+        resume: bool = True, find_unused: bool = False) -> Path:
+    """The training loop of every trained stage (POT, IRN, DeepLab): seeded, resumable, DDP under torchrun.
+
+    `cfg`: a config dataclass with `to_dict()` and the fields device, batch_size, epochs, seed, lr, amp,
+    ckpt_every, log_every, num_workers (and optionally grad_clip, None = no clipping).
+    `build(start, device) -> (model, optimizer, dataset)` runs after seeding; `start` is None for a new
+    run (do one-time initialisation then) or the checkpoint being resumed, which `fit` restores
+    afterwards. Every optimizer group carries `lr_mult` (lr = poly(cfg.lr) · lr_mult); the dataset has
+    `set_epoch(epoch)`. `step_losses(net, batch, step, rank) -> dict` runs under autocast with the
+    batch on the device; its `loss` is minimised, every entry is logged (averaged over ranks).
+    Writes `out/config.json` (`cfg`, `meta`, environment), `out/metrics.jsonl`, `out/ckpt/{last,final}.pt`."""
     device = resolve_device(cfg.device)
     rank, world, device, created_group = init_distributed(device)
-    run = Path(cfg.out_dir); ckpt_dir = run / "ckpt"
+    out = Path(out); ckpt_dir = out / "ckpt"
     final, last = ckpt_dir / "final.pt", ckpt_dir / "last.pt"
     try:
-        if resume and (run / "config.json").exists():
-            check_same_config(load_json(run / "config.json")["config"], cfg, run)
-        if resume and final.exists(): return run
+        if resume and (out / "config.json").exists():
+            check_same_config(load_json(out / "config.json")["config"], cfg, out)
+        if resume and final.exists(): return out
         if rank == 0 and not resume:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-            (run / "metrics.jsonl").unlink(missing_ok=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
         _barrier(world)
         start = load_checkpoint(last, map_location=device) if resume and last.exists() else None
-
         seed_everything(cfg.seed)
-        ds, tds = _build_data(cfg)
-        model = POTNet(cfg.backbone, ds.num_classes, cfg.feature_stride, cfg.pretrained,
-                       detach_side=cfg.detach_side).to(device)
+        model, optimizer, tds = build(start, device)
         steps_per_epoch = len(epoch_batches(len(tds), cfg.batch_size, 0, cfg.seed))
         total = cfg.epochs * steps_per_epoch
-        if start is None and cfg.pretrained is None:
-            tds.set_epoch(0)
-            calib = epoch_batches(len(tds), cfg.batch_size, 0, cfg.seed)[:BN_CALIB_BATCHES]
-            calibrate_bn(model, (b["img"].to(device) for b in _loader(tds, calib, cfg, device)))
-        optimizer = make_optimizer(model, cfg)
         amp_on, amp_dtype, scaler = _amp(cfg, device)
         step = 0
         if start is not None:
             model.load_state_dict(start["model"]); optimizer.load_state_dict(start["optimizer"])
             scaler.load_state_dict(start["scaler"]); set_rng_state(start["rng"]); step = int(start["step"])
-        net = model
-        if world > 1:
-            net = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None,
-                broadcast_buffers=False, find_unused_parameters=cfg.lambda_con == 0)
+        net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False, find_unused_parameters=find_unused)
         if rank == 0:
-            save_json(run / "config.json", dict(config=cfg.to_dict(), env=dict(env_info(), world_size=world, device=str(device)),
+            save_json(out / "config.json", dict(config=cfg.to_dict(), **(meta or {}),
+                                                env=dict(env_info(), world_size=world, device=str(device)),
                                                 steps_per_epoch=steps_per_epoch, total_steps=total))
-            log = run / "metrics.jsonl"
+            log = out / "metrics.jsonl"
             if log.exists():   # drop what a killed run logged after its last checkpoint
                 kept = [r for r in read_jsonl(log) if r["step"] <= step]
                 with atomic_write(log, "w") as f: f.writelines(json.dumps(r) + "\n" for r in kept)
 
-        bar = tqdm(total=total, initial=step, desc=f"train {run.name}", disable=rank != 0, dynamic_ncols=True)
+        def state():
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                        step=step, epoch=epoch, step_in_epoch=in_epoch, rng=rng_state(), config=cfg.to_dict(),
+                        world_size=world)
+
+        clip = getattr(cfg, "grad_clip", None) or float("inf")
+        bar = tqdm(total=total, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)
         net.train()
         t_log, c_log, acc = time.time(), time.process_time(), []
         while step < total:
@@ -258,49 +268,59 @@ def train(cfg: POTConfig, resume: bool = True) -> Path:
             for batch in _loader(tds, batches, cfg, device):
                 lr_now = poly_lr(cfg.lr, step, total)
                 for group in optimizer.param_groups: group["lr"] = lr_now * group["lr_mult"]
-                img, labels, valid = (batch[k].to(device, non_blocking=True) for k in ("img", "label", "valid"))
-                seed = batch["seed"].to(device) if "seed" in batch else None
-                gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)   # CPU generator: k-means draws
+                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_on):
-                    out = net(img, features=cfg.lambda_con != 0)
-                with torch.autocast(device.type, enabled=False):
-                    losses = pot_step_losses(out, labels, valid, cfg, seed, gen)
-                check_finite("training loss", losses["loss"].detach())
+                    losses = step_losses(net, batch, step, rank)
+                check_finite(f"{desc}: loss", losses["loss"].detach())
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(losses["loss"]).backward()
                 scaler.unscale_(optimizer)
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip else float("inf"))
+                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 scaler.step(optimizer); scaler.update()
                 step += 1
-                vals = _mean_over_ranks([losses["loss"].item(), losses["loss_cls"].item(), losses["loss_con"].item(),
-                                         float(losses["n_empty"])], world, device)
-                acc.append(vals)
-                bar.update(1); bar.set_postfix(loss=f"{vals[0]:.4f}", lr=f"{lr_now:.2e}")
+                keys = list(losses)
+                acc.append(_mean_over_ranks([_value(losses[k]) for k in keys], world, device))
+                bar.update(1); bar.set_postfix(loss=f"{acc[-1][keys.index('loss')]:.4f}", lr=f"{lr_now:.2e}")
                 if rank == 0 and (step % cfg.log_every == 0 or step == total):
                     m = np.mean(acc, 0)
-                    append_jsonl(run / "metrics.jsonl", dict(
-                        step=step, epoch=epoch, loss=float(m[0]), loss_cls=float(m[1]), loss_con=float(m[2]),
-                        n_empty=float(m[3]) * world * len(acc), lr=lr_now, grad_norm=float(gnorm),
+                    append_jsonl(out / "metrics.jsonl", dict(
+                        step=step, epoch=epoch, **{k: float(v) for k, v in zip(keys, m)}, lr=lr_now, grad_norm=float(gnorm),
                         sec_per_step=(time.time() - t_log) / len(acc), cpu_sec_per_step=(time.process_time() - c_log) / len(acc)))
                     t_log, c_log, acc = time.time(), time.process_time(), []
                 if step < total and step % cfg.ckpt_every == 0:
-                    if rank == 0: save_checkpoint(last, _state(model, optimizer, scaler, step, steps_per_epoch, cfg, world))
+                    if rank == 0: save_checkpoint(last, state())
                     _barrier(world)
         bar.close()
         if rank == 0:
-            save_checkpoint(final, _state(model, optimizer, scaler, step, steps_per_epoch, cfg, world))
+            save_checkpoint(final, state())
             last.unlink(missing_ok=True)
         _barrier(world)
-        return run
+        return out
     finally:
         if created_group: dist.destroy_process_group()
 
+# %% ../nbs/10_train.ipynb #7210291f
+def train(cfg: POTConfig, resume: bool = True) -> Path:
+    "Train POT as `cfg` says into the run folder `cfg.out_dir` (resuming from its last checkpoint); return the folder."
+    def build(start, device):
+        ds, tds = _build_data(cfg)
+        model = POTNet(cfg.backbone, ds.num_classes, cfg.feature_stride, cfg.pretrained,
+                       detach_side=cfg.detach_side).to(device)
+        if start is None and cfg.pretrained is None:
+            tds.set_epoch(0)
+            calib = epoch_batches(len(tds), cfg.batch_size, 0, cfg.seed)[:BN_CALIB_BATCHES]
+            calibrate_bn(model, (b["img"].to(device) for b in _loader(tds, calib, cfg, device)))
+        return model, make_optimizer(model, cfg), tds
 
-def _state(model, optimizer, scaler, step, steps_per_epoch, cfg, world) -> dict:
-    "Everything a resumed run needs, as a weights_only-loadable dict."
-    epoch, in_epoch = divmod(step, steps_per_epoch)
-    return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                step=step, epoch=epoch, step_in_epoch=in_epoch, rng=rng_state(), config=cfg.to_dict(), world_size=world)
+    def step_losses(net, batch, step, rank):
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)   # CPU generator: k-means draws
+        img = batch["img"]
+        out = net(img, features=cfg.lambda_con != 0)
+        with torch.autocast(img.device.type, enabled=False):
+            return pot_step_losses(out, batch["label"], batch["valid"], cfg, batch.get("seed"), gen)
+
+    return fit(cfg.out_dir, cfg, build, step_losses, desc=f"train {Path(cfg.out_dir).name}", resume=resume,
+               find_unused=cfg.lambda_con == 0)
 
 # %% ../nbs/10_train.ipynb #a46dfd76
 def load_trained(run_dir, map_location="cpu") -> tuple[POTNet, POTConfig]:
@@ -338,8 +358,8 @@ def config_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="start from a run's config.json")
     p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
     for f in dataclasses.fields(POTConfig):
-        if f.name == "cam_scales":
-            p.add_argument("--cam_scales", type=float, nargs="+", default=argparse.SUPPRESS, help=f"default {f.default}")
+        if f.name in ("cam_scales", "pot_scales"):
+            p.add_argument(f"--{f.name}", type=float, nargs="+", default=argparse.SUPPRESS, help=f"default {f.default}")
         else:
             p.add_argument(f"--{f.name}", type=_flag_type(f), default=argparse.SUPPRESS, help=f"default {f.default!r}")
     return p
