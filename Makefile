@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test check-sync nbtest pytest export demo
+.PHONY: venv test check-sync nbtest pytest export demo docs
 
 venv: $(STAMP)
 
@@ -37,3 +37,7 @@ demo: venv
 	mkdir -p outputs/demo
 	$(BIN)/papermill nbs/train.ipynb outputs/demo/train.ipynb -k python3 --cwd . $(ARGS)
 	$(PY) -c 'from pot.cams import print_summary; print_summary("outputs/demo")'
+
+## the documentation site, built from the notebooks into _docs/ (Quarto when on PATH, else nbconvert); README.md is left alone
+docs: venv
+	$(PY) tests/build_docs.py

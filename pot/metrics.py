@@ -163,9 +163,13 @@ def fg_argmax(cams_fg, keys) -> tuple[np.ndarray, np.ndarray]:
 
 # %% ../nbs/03_metrics.ipynb #f662a745
 class CAMEvaluator:
-    "Accumulate CAM predictions for every background threshold at once; `result(split=, which=)` picks the best."
-    def __init__(self, n_classes: int, thresholds=np.arange(0, 1, 0.01), class_names: Sequence[str] | None = None,
+    """Accumulate CAM predictions for every background threshold at once; `result(split=, which=)` picks the best.
+
+    `thresholds`: the background thresholds swept, a strictly increasing sequence; `None` (the default) means
+    `np.arange(0, 1, 0.01)`, the 100 thresholds 0, 0.01, ..., 0.99."""
+    def __init__(self, n_classes: int, thresholds=None, class_names: Sequence[str] | None = None,
                  ignore: int = 255):
+        if thresholds is None: thresholds = np.arange(0, 1, 0.01)
         th = np.asarray(thresholds, dtype=np.float64).ravel()
         if th.size == 0 or not np.isfinite(th).all() or (np.diff(th) <= 0).any():
             raise BadInputError(f"thresholds must be a non-empty, finite, strictly increasing sequence; got {thresholds!r}")
