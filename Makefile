@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test check-sync nbtest pytest export demo docs
+.PHONY: venv test check-sync nbtest pytest export demo docs pipeline ablation cost figures
 
 venv: $(STAMP)
 
@@ -41,3 +41,25 @@ demo: venv
 ## the documentation site, built from the notebooks into _docs/ (Quarto when on PATH, else nbconvert); README.md is left alone
 docs: venv
 	$(PY) tests/build_docs.py
+
+## every stage on ToyVOC: seeds, POT, CAMs, pseudo labels, DeepLab, val mIoU (outputs/pipeline/pipeline.md)
+pipeline: venv
+	mkdir -p outputs/pipeline
+	$(BIN)/papermill nbs/pipeline.ipynb outputs/pipeline/pipeline_run.ipynb -k python3 --cwd . $(ARGS)
+	cat outputs/pipeline/pipeline.md
+
+## Fig. A1: the τ and K sweeps and the allocation ablations on ToyVOC (one train.ipynb run per point, reused)
+ablation: venv
+	mkdir -p outputs/ablation
+	$(BIN)/papermill nbs/ablation.ipynb outputs/ablation/ablation.ipynb -k python3 --cwd . $(ARGS)
+
+## Table A1: baseline, K=1 and POT trained side by side (reuses the ablation runs)
+cost: venv
+	mkdir -p outputs/ablation
+	$(BIN)/papermill nbs/cost.ipynb outputs/ablation/cost.ipynb -k python3 --cwd . $(ARGS)
+	cat outputs/ablation/cost.md
+
+## Figs. A3-A4: image, ground truth, baseline and POT pseudo labels (reuses the ablation runs)
+figures: venv
+	mkdir -p outputs/ablation
+	$(BIN)/papermill nbs/figures.ipynb outputs/ablation/figures.ipynb -k python3 --cwd . $(ARGS)

@@ -15,9 +15,9 @@ import pandas as pd
 from .core import BadInputError, load_json, save_json
 
 # %% auto #0
-__all__ = ['SWEPT', 'QUICK_BASE', 'repo_root', 'notebook_parameters', 'stage_record', 'run_stage', 'stage_table', 'point_name',
-           'ablation_points', 'train_seconds', 'run_train_points', 'is_allocation_point', 'plot_ablation', 'cost_table',
-           'markdown_table']
+__all__ = ['SWEPT', 'QUICK_BASE', 'QUICK_SEGMENTATION', 'repo_root', 'notebook_parameters', 'stage_record', 'run_stage',
+           'stage_table', 'point_name', 'ablation_points', 'train_seconds', 'run_train_points', 'is_allocation_point',
+           'plot_ablation', 'cost_table', 'markdown_table']
 
 # %% ../nbs/16_experiments.ipynb #c6a30317
 def repo_root() -> Path:
@@ -109,6 +109,7 @@ SWEPT = ("tau", "K", "marginal", "rho", "lambda_con")   # parameters reported in
 # the reduced setting of the experiment notebooks' `quick=True`: small ToyVOC, one short epoch
 QUICK_BASE = dict(data_root="data/toyvoc_quick", toyvoc=dict(n_train=32, n_val=8, size=96), epochs=1, batch_size=8,
                   crop=64, feature_stride=8, cam_scales=[1.0, 0.5], pot_scales=[1.0], log_every=2)
+QUICK_SEGMENTATION = dict(epochs=1, crop=64, batch_size=8, test_scales=[1.0], log_every=2)   # segmentation.ipynb's
 
 
 def run_train_points(points: list[dict], out_root, base: dict | None = None, notebook: str = "nbs/train.ipynb",
