@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test check-sync nbtest pytest export demo docs pipeline ablation cost figures
+.PHONY: venv test check-sync nbtest pytest export demo docs pipeline ablation cost figures segmentation bench-deeplab
 
 venv: $(STAMP)
 
@@ -63,3 +63,11 @@ cost: venv
 figures: venv
 	mkdir -p outputs/ablation
 	$(BIN)/papermill nbs/figures.ipynb outputs/ablation/figures.ipynb -k python3 --cwd . $(ARGS)
+
+## stage 4 alone: DeepLabV2 on a run's pseudo labels, val mIoU (pass label_dir, e.g. ARGS="-p label_dir outputs/demo/pseudo_labels/crf")
+segmentation: venv
+	$(BIN)/papermill nbs/segmentation.ipynb outputs/demo/segmentation.ipynb -k python3 --cwd . $(ARGS)
+
+## ResNet-101 DeepLabV2 training step time, batch 10, 321x321 (CPU, or CUDA when present)
+bench-deeplab: venv
+	$(PY) bench/deeplab_step.py $(ARGS)
