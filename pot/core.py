@@ -13,7 +13,7 @@ import platform
 import random
 import subprocess
 import tempfile
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['BadInputError', 'check_finite', 'POTConfig', 'seed_everything', 'resolve_device', 'atomic_write', 'save_json',
-           'load_json', 'append_jsonl', 'read_jsonl', 'save_npz', 'load_npz', 'save_checkpoint', 'load_checkpoint',
-           'git_commit', 'env_info']
+__all__ = ['BadInputError', 'check_finite', 'JSONConfig', 'POTConfig', 'seed_everything', 'resolve_device', 'atomic_write',
+           'save_json', 'load_json', 'append_jsonl', 'read_jsonl', 'save_npz', 'load_npz', 'save_checkpoint',
+           'load_checkpoint', 'git_commit', 'env_info']
 
 # %% ../nbs/00_core.ipynb #421e819a
 class BadInputError(ValueError):
@@ -38,8 +38,23 @@ def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     return x
 
 # %% ../nbs/00_core.ipynb #49b0494c
+class JSONConfig:
+    "Mixin of the config dataclasses (`POTConfig`, `IRNConfig`, `DeepLabConfig`): plain-JSON `to_dict`, checked `from_dict`."
+    def to_dict(self) -> dict:
+        "Plain-JSON view of the config (tuples become lists)."
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        "Inverse of `to_dict`; unknown keys are an error naming them."
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown: raise BadInputError(f"unknown {cls.__name__} parameter(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+
 @dataclass
-class POTConfig:
+class POTConfig(JSONConfig):
     "Every parameter of a POT run, named as in METHOD.md / DESIGN.md; defaults are the CPU ToyVOC demo."
     # data
     dataset: str = "toyvoc"          # voc | coco | toyvoc (any VOC-layout folder with classes.txt works as 'voc')
@@ -112,17 +127,7 @@ class POTConfig:
         if name not in presets: raise BadInputError(f"unknown preset {name!r}; expected one of {tuple(presets)}")
         return cls(**{**presets[name], **overrides})
 
-    def to_dict(self) -> dict:
-        "Plain-JSON view of the config."
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "POTConfig":
-        "Inverse of `to_dict`; unknown keys are an error naming them."
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown: raise BadInputError(f"unknown POTConfig parameter(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
 
 # %% ../nbs/00_core.ipynb #f4918e4a
 def seed_everything(seed: int) -> torch.Generator:

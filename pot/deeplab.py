@@ -14,7 +14,7 @@ import os
 import re
 import time
 import warnings
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import BadInputError, load_checkpoint, load_json, resolve_device, save_json
-from .crf import CRF_DEFAULTS, check_crf_params, crf_inference, default_workers, label_png_ok
+from .core import BadInputError, JSONConfig, load_checkpoint, load_json, resolve_device, save_json
+from .crf import check_crf_params, crf_inference, default_workers, label_png_ok
 from .data import IGNORE, InferDataset, TrainDataset, load_dataset, read_mask
 from .metrics import SegEvaluator
-from .model import build_resnet, calibrate_bn, load_imagenet_weights, stage_channels
+from .model import FrozenBN, build_resnet, calibrate_bn, load_imagenet_weights, stage_channels
 from .train import BN_CALIB_BATCHES, _parse_bool, epoch_batches, fit
 from . import viz
 
@@ -82,7 +82,7 @@ class ASPP(nn.Module):
         return out
 
 # %% ../nbs/15_deeplab.ipynb #171ff297
-class DeepLabV2(nn.Module):
+class DeepLabV2(FrozenBN):
     "DeepLabV2: dilated ResNet encoder (output stride 8, frozen BN) + ASPP (rates 6/12/18/24, summed) → `n_classes` logits."
     def __init__(self, backbone: str = "resnet101", n_classes: int = 21, pretrained: str | None = None,
                  output_stride: int = 8, rates: tuple = ASPP_RATES):
@@ -96,12 +96,6 @@ class DeepLabV2(nn.Module):
                 for p in m.parameters(): p.requires_grad_(False)
         if pretrained is not None: load_deeplab_weights(self, pretrained)
 
-    def train(self, mode: bool = True):
-        "Train mode everywhere except BatchNorm, which always stays in eval mode (frozen statistics)."
-        super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
-        return self
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         "Stage-4 features (N, C4, ⌈H/8⌉, ⌈W/8⌉) of normalised images (N, 3, H, W)."
@@ -216,7 +210,7 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
-class DeepLabConfig:
+class DeepLabConfig(JSONConfig):
     "Every parameter of DeepLabV2 training on pseudo labels; defaults are the CPU ToyVOC demo, `preset('voc')` the paper's."
     dataset: str = "toyvoc"           # voc | coco | toyvoc (any VOC-layout folder with classes.txt works as 'voc')
     data_root: str = "data/toyvoc"
@@ -274,17 +268,7 @@ class DeepLabConfig:
         if name not in presets: raise BadInputError(f"unknown DeepLab preset {name!r}; expected one of {tuple(presets)}")
         return cls(**{**presets[name], **overrides})
 
-    def to_dict(self) -> dict:
-        "Plain-JSON view of the config."
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "DeepLabConfig":
-        "Inverse of `to_dict`; unknown keys are an error naming them."
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown: raise BadInputError(f"unknown DeepLabConfig parameter(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
 
 # %% ../nbs/15_deeplab.ipynb #2048bfe6
 def deeplab_data(cfg: DeepLabConfig) -> tuple:

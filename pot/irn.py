@@ -12,7 +12,7 @@ import multiprocessing as mp
 import os
 import sys
 import time
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import BadInputError, load_checkpoint, load_json, resolve_device, save_json
+from .core import BadInputError, JSONConfig, load_checkpoint, load_json, resolve_device, save_json
 from .crf import (CRF_PRESETS, label_png_ok, run_source, check_crf_params, crf_inference, default_workers,
                      label_probs, read_image_cams)
 from .data import TrainDataset, load_dataset, normalize_image
-from .model import build_resnet, calibrate_bn, freeze_stem_and_bn, load_imagenet_weights, resize, stage_channels
+from .model import FrozenBN, build_resnet, calibrate_bn, freeze_stem_and_bn, load_imagenet_weights, resize, stage_channels
 from .train import epoch_batches, fit
 from .viz import image_grid, read_label_png, save_palette_png
 
@@ -299,7 +299,7 @@ def _branch(c_in: int, c_out: int, groups: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.GroupNorm(groups, c_out), nn.ReLU(inplace=True))
 
 
-class IRNet(nn.Module):
+class IRNet(FrozenBN):
     "Inter-pixel relation network: ResNet encoder (frozen stem/BN), boundary logits (N,1,h,w) and displacements (N,2,h,w) at stride 4."
     def __init__(self, backbone: str = "resnet50", train_backbone: bool = False, edge_dim: int = 32, dp_dims=(64, 128, 256)):
         super().__init__()
@@ -316,13 +316,6 @@ class IRNet(nn.Module):
         freeze_stem_and_bn(self)
         if not train_backbone:
             for p in self.encoder.parameters(): p.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        "Train mode for the branches; every BatchNorm of the encoder stays in eval mode (frozen statistics)."
-        super().train(mode)
-        for m in self.encoder.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
-        return self
 
     def forward_features(self, x: torch.Tensor) -> list:
         "The encoder taps: stem (stride 4) and stages 1–4 (strides 4, 8, 16, 16); without gradient unless `train_backbone`."
@@ -352,7 +345,7 @@ def irn_param_groups(model: nn.Module, lr: float, dp_lr_mult: float = 10.0) -> l
 
 # %% ../nbs/14_irn.ipynb #d855a0f0
 @dataclass
-class IRNConfig:
+class IRNConfig(JSONConfig):
     "Every parameter of IRN training; defaults are IRN's VOC settings (METHOD.md §5), `preset('toyvoc')` the CPU demo."
     backbone: str = "resnet50"
     pretrained: str | None = None     # None | 'run' (the POT run's encoder) | 'torchvision' | path to ImageNet weights
@@ -392,15 +385,7 @@ class IRNConfig:
         if name not in presets: raise BadInputError(f"unknown IRN preset {name!r}; expected one of {tuple(presets)}")
         return cls(**{**presets[name], **overrides})
 
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "IRNConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown: raise BadInputError(f"unknown IRNConfig parameter(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**d)
 
 # %% ../nbs/14_irn.ipynb #dd61121d
 class _IRLabelled:

@@ -16,8 +16,8 @@ import torchvision
 from .core import BadInputError, load_checkpoint
 
 # %% auto #0
-__all__ = ['RESNETS', 'SIDE_DIMS', 'FEATURE_STRIDES', 'build_resnet', 'stage_channels', 'resize', 'POTNet', 'freeze_stem_and_bn',
-           'param_groups', 'calibrate_bn', 'load_imagenet_weights']
+__all__ = ['RESNETS', 'SIDE_DIMS', 'FEATURE_STRIDES', 'build_resnet', 'stage_channels', 'resize', 'FrozenBN', 'POTNet',
+           'freeze_stem_and_bn', 'param_groups', 'calibrate_bn', 'load_imagenet_weights']
 
 # %% ../nbs/09_model.ipynb #c8246949
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -55,7 +55,17 @@ def resize(x: torch.Tensor, size) -> torch.Tensor:
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
 
 # %% ../nbs/09_model.ipynb #fbeb8aa7
-class POTNet(nn.Module):
+class FrozenBN(nn.Module):
+    "Base of the networks whose BatchNorm layers always stay in eval mode (frozen statistics), as in IRN/SIPE/DeepLab."
+    def train(self, mode: bool = True):
+        "Train mode everywhere except BatchNorm."
+        super().train(mode)
+        for m in self.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
+        return self
+
+
+class POTNet(FrozenBN):
     "ResNet encoder (output stride 16, frozen stem and BN), hierarchical features `F`, bias-free 1×1 classifier."
     def __init__(self, backbone: str = "resnet50", num_classes: int = 20, feature_stride: int = 16,
                  pretrained: str | None = None, side_dims: tuple = SIDE_DIMS, detach_side: bool = False):
@@ -75,13 +85,6 @@ class POTNet(nn.Module):
 
     @property
     def feature_dim(self) -> int: return sum(s.out_channels for s in self.side)
-
-    def train(self, mode: bool = True):
-        "Train mode everywhere except BatchNorm, which always stays in eval mode (frozen statistics)."
-        super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
-        return self
 
     def stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         "Outputs of the four ResNet stages (strides 4, 8, 16, 16)."

@@ -5,7 +5,6 @@
 # %% ../nbs/04_viz.ipynb #6887adbe
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 from typing import Sequence
