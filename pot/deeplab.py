@@ -30,7 +30,7 @@ from .crf import check_crf_params, crf_inference, default_workers, label_png_ok
 from .data import IGNORE, InferDataset, TrainDataset, load_dataset, read_mask
 from .metrics import SegEvaluator
 from .model import FrozenBN, build_resnet, calibrate_bn, load_imagenet_weights, stage_channels
-from .train import BN_CALIB_BATCHES, _parse_bool, epoch_batches, fit
+from .train import BN_CALIB_BATCHES, epoch_batches, fit, flag_type, parse_bool
 from . import viz
 
 # %% auto #0
@@ -512,13 +512,6 @@ def run_segmentation(cfg: DeepLabConfig, split: str = "val", scales=DEFAULT_TEST
     return evaluate_segmentation(run, split)
 
 
-def _arg_type(f: dataclasses.Field):
-    "argparse type of a DeepLabConfig field from its annotation ('none' → None where the field allows it)."
-    ann = (f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))).replace(" ", "").split("|")
-    base = {"str": str, "int": int, "float": float, "bool": _parse_bool}.get(ann[0], str)
-    return (lambda s: None if s.lower() == "none" else base(s)) if "None" in ann else base
-
-
 def deeplab_parser() -> argparse.ArgumentParser:
     "The `pot-deeplab` argument parser: one flag per DeepLabConfig field, --preset, --config, --no-resume and the inference options."
     p = argparse.ArgumentParser(prog="pot-deeplab", description="Stage 4: train DeepLabV2 on pseudo labels, predict and score a split.")
@@ -527,12 +520,12 @@ def deeplab_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
     p.add_argument("--split", default="val", help="split to predict and score (default val)")
     p.add_argument("--test_scales", type=float, nargs="+", default=list(DEFAULT_TEST_SCALES), help="inference scales")
-    p.add_argument("--crf", type=_parse_bool, default=True, help="DenseCRF on the predictions (default true)")
+    p.add_argument("--crf", type=parse_bool, default=True, help="DenseCRF on the predictions (default true)")
     p.add_argument("--n_workers", type=int, default=None, help="CRF processes (default: all CPUs)")
     p.add_argument("--train-only", action="store_true", help="train, do not predict or score")
     for f in dataclasses.fields(DeepLabConfig):
         if f.name == "scale": p.add_argument("--scale", type=float, nargs=2, default=argparse.SUPPRESS, help=f"default {f.default}")
-        else: p.add_argument(f"--{f.name}", type=_arg_type(f), default=argparse.SUPPRESS, help=f"default {f.default!r}")
+        else: p.add_argument(f"--{f.name}", type=flag_type(f), default=argparse.SUPPRESS, help=f"default {f.default!r}")
     return p
 
 

@@ -32,8 +32,8 @@ from .data import load_dataset, TrainDataset
 # %% auto #0
 __all__ = ['RUNTIME_FIELDS', 'BN_CALIB_BATCHES', 'valid_on_grid', 'seeds_on_grid', 'consistency_weight', 'global_weight_share',
            'pot_step_losses', 'epoch_batches', 'poly_lr', 'init_distributed', 'rng_state', 'set_rng_state',
-           'check_same_config', 'clip_seed_loader', 'make_optimizer', 'fit', 'train', 'load_trained', 'config_parser',
-           'config_from_args', 'train_cli']
+           'check_same_config', 'clip_seed_loader', 'make_optimizer', 'fit', 'train', 'load_trained', 'parse_bool',
+           'flag_type', 'config_parser', 'config_from_args', 'train_cli']
 
 # %% ../nbs/10_train.ipynb #4315837a
 def valid_on_grid(valid: torch.Tensor, grid) -> torch.Tensor:
@@ -336,16 +336,17 @@ def load_trained(run_dir, map_location="cpu") -> tuple[POTNet, POTConfig]:
     return model.eval(), cfg
 
 # %% ../nbs/10_train.ipynb #db0323c2
-def _parse_bool(s: str) -> bool:
+def parse_bool(s: str) -> bool:
+    "argparse type of a boolean flag: true/false, yes/no, on/off, 1/0."
     if s.lower() in ("1", "true", "yes", "on"): return True
     if s.lower() in ("0", "false", "no", "off"): return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
-def _flag_type(f: dataclasses.Field):
-    "argparse type for a POTConfig field from its annotation."
+def flag_type(f: dataclasses.Field):
+    "argparse type of a config dataclass field from its annotation ('none' → None where the field allows it)."
     ann = str(f.type).replace(" ", "")
-    base = {"str": str, "int": int, "float": float, "bool": _parse_bool}.get(ann.split("|")[0], str)
+    base = {"str": str, "int": int, "float": float, "bool": parse_bool}.get(ann.split("|")[0], str)
     if "None" in ann.split("|"):
         return lambda s: None if s.lower() == "none" else base(s)
     return base
@@ -361,7 +362,7 @@ def config_parser() -> argparse.ArgumentParser:
         if f.name in ("cam_scales", "pot_scales"):
             p.add_argument(f"--{f.name}", type=float, nargs="+", default=argparse.SUPPRESS, help=f"default {f.default}")
         else:
-            p.add_argument(f"--{f.name}", type=_flag_type(f), default=argparse.SUPPRESS, help=f"default {f.default!r}")
+            p.add_argument(f"--{f.name}", type=flag_type(f), default=argparse.SUPPRESS, help=f"default {f.default!r}")
     return p
 
 
