@@ -28,14 +28,19 @@ def repo_root() -> Path:
     return Path.cwd()
 
 
-def notebook_parameters(notebook) -> set[str]:
-    "Names assigned in the `parameters` cell of `notebook` (papermill's tag)."
+def notebook_parameters(notebook) -> dict:
+    "The `parameters` cell (papermill's tag) of `notebook` as {name: literal value}, in the cell's order."
     import nbformat, ast
     nb = nbformat.read(str(notebook), as_version=4)
     cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
-    if not cells: raise BadInputError(f"{notebook}: no cell tagged 'parameters'; expected a papermill notebook")
-    tree = ast.parse(cells[0].source)
-    return {t.id for node in tree.body if isinstance(node, ast.Assign) for t in node.targets if isinstance(t, ast.Name)}
+    if len(cells) != 1: raise BadInputError(f"{notebook}: {len(cells)} cells tagged 'parameters'; expected exactly one (papermill)")
+    params = {}
+    for node in ast.parse(cells[0].source).body:
+        if not isinstance(node, ast.Assign): continue
+        for t in node.targets:
+            try: params[t.id] = ast.literal_eval(node.value)
+            except ValueError: raise BadInputError(f"{notebook}: parameter {t.id!r} is not a literal value") from None
+    return params
 
 
 def stage_record(run_dir, name: str) -> Path:
@@ -54,7 +59,7 @@ def run_stage(name: str, notebook, run_dir, params: dict, force: bool = False, p
     nb_path = Path(notebook)
     nb_abs = nb_path if nb_path.is_absolute() else root / nb_path
     if not nb_abs.is_file(): raise BadInputError(f"{nb_abs}: notebook not found")
-    unknown = set(params) - notebook_parameters(nb_abs)
+    unknown = set(params) - set(notebook_parameters(nb_abs))
     if unknown: raise BadInputError(f"{notebook}: no parameter(s) {sorted(unknown)} in its parameters cell")
     rec_path = stage_record(run_dir, name)
     if not force and rec_path.is_file():

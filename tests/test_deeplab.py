@@ -3,7 +3,6 @@ exact resume after SIGKILL through the `pot-deeplab` command line, the CRF proce
 `papermill nbs/segmentation.ipynb` on a tiny ToyVOC. Tiny settings (ToyVOC images of 64 px, ResNet-18,
 48-px crops, one intra-op thread) keep the file within a couple of minutes on a busy 2-core CPU.
 """
-import ast
 import dataclasses
 import json
 import os
@@ -19,6 +18,7 @@ import torch
 
 from pot.core import BadInputError, load_checkpoint, load_json, read_jsonl
 from pot.data import load_dataset
+from pot.experiments import notebook_parameters
 from pot.viz import read_label_png, save_palette_png
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,18 +183,9 @@ def test_clear_errors(toy, trained, tmp_path):
         DeepLabConfig(output_stride=32)
 
 
-def parameters_cell() -> dict:
-    "The papermill `parameters` cell of segmentation.ipynb as a dict of literal values."
-    nb = json.loads(NB.read_text())
-    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(cells) == 1, "segmentation.ipynb must have exactly one cell tagged 'parameters'"
-    tree = ast.parse("".join(cells[0]["source"]))
-    return {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)}
-
-
 def test_parameters_match_config():
     from pot.deeplab import DeepLabConfig, DEFAULT_TEST_SCALES
-    params = parameters_cell()
+    params = notebook_parameters(NB)
     defaults = DeepLabConfig().to_dict()
     fields = [f.name for f in dataclasses.fields(DeepLabConfig)]
     assert [k for k in params if k in defaults] == fields, "parameters must list every DeepLabConfig field, in order"

@@ -1,30 +1,19 @@
 """The main job end to end: `papermill nbs/train.ipynb` on a tiny ToyVOC, and its parameters vs POTConfig."""
-import ast
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import papermill as pm
-import pytest
 
 from pot.core import POTConfig, load_json
+from pot.experiments import notebook_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "nbs" / "train.ipynb"
 
 
-def parameters_cell() -> dict:
-    "The papermill `parameters` cell of train.ipynb as a dict of literal values."
-    nb = json.loads(NB.read_text())
-    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(cells) == 1, "train.ipynb must have exactly one cell tagged 'parameters'"
-    tree = ast.parse("".join(cells[0]["source"]))
-    return {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)}
-
-
 def test_parameters_match_config():
-    params = parameters_cell()
+    params = notebook_parameters(NB)
     defaults = POTConfig().to_dict()
     fields = [f.name for f in dataclasses.fields(POTConfig)]
     assert [k for k in params if k in defaults] == fields, "parameters must list every POTConfig field, in order"
