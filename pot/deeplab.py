@@ -30,7 +30,7 @@ from .crf import check_crf_params, crf_inference, default_workers, label_png_ok
 from .data import IGNORE, InferDataset, TrainDataset, load_dataset, read_mask
 from .metrics import SegEvaluator
 from .model import FrozenBN, build_resnet, calibrate_bn, load_imagenet_weights, stage_channels
-from .train import BN_CALIB_BATCHES, epoch_batches, fit, flag_type, parse_bool
+from .train import BN_CALIB_BATCHES, epoch_batches, finished_run, fit, flag_type, parse_bool
 from . import viz
 
 # %% auto #0
@@ -312,12 +312,8 @@ def train_deeplab(cfg: DeepLabConfig, resume: bool = True) -> Path:
 
 def load_deeplab(run_dir, map_location="cpu") -> tuple[DeepLabV2, DeepLabConfig]:
     "(DeepLabV2 in eval mode, its DeepLabConfig) of the finished segmentation run `run_dir`."
-    run = Path(run_dir)
-    cfg = DeepLabConfig.from_dict(load_json(run / "config.json")["config"])
-    final = run / "ckpt" / "final.pt"
-    if not final.is_file():
-        raise BadInputError(f"{final}: not found; the segmentation run has not finished training (train_deeplab resumes it)")
-    state = load_checkpoint(final, map_location=map_location)["model"]
+    cfg, state = finished_run(run_dir, DeepLabConfig,
+                              "the segmentation run has not finished training (train_deeplab resumes it)", map_location)
     model = DeepLabV2(cfg.backbone, state["aspp.branches.0.weight"].shape[0], output_stride=cfg.output_stride)
     model.load_state_dict(state)
     return model.eval(), cfg

@@ -28,7 +28,7 @@ from .crf import (CRF_PRESETS, label_png_ok, run_source, check_crf_params, crf_i
                      label_probs, read_image_cams)
 from .data import TrainDataset, load_dataset, normalize_image
 from .model import FrozenBN, build_resnet, calibrate_bn, freeze_stem_and_bn, load_imagenet_weights, resize, stage_channels
-from .train import epoch_batches, fit
+from .train import epoch_batches, finished_run, fit
 from .viz import image_grid, read_label_png, save_palette_png
 
 # %% auto #0
@@ -473,12 +473,10 @@ def train_irn(run_dir, cfg: IRNConfig | None = None, split: str | None = None, r
 
 def load_irn(run_dir, map_location="cpu") -> tuple[IRNet, IRNConfig]:
     "(IRNet in eval mode, its IRNConfig) of the finished IRN training in `run_dir/irn/`."
-    out = Path(run_dir) / "irn"
-    final = out / "ckpt" / "final.pt"
-    if not final.is_file(): raise BadInputError(f"{final}: not found; train IRN first (train_irn(run_dir) resumes an interrupted run)")
-    cfg = IRNConfig.from_dict(load_json(out / "config.json")["config"])
+    cfg, state = finished_run(Path(run_dir) / "irn", IRNConfig,
+                              "train IRN first (train_irn(run_dir) resumes an interrupted run)", map_location)
     model = IRNet(cfg.backbone, cfg.train_backbone)
-    model.load_state_dict(load_checkpoint(final, map_location=map_location)["model"])
+    model.load_state_dict(state)
     return model.eval(), cfg
 
 # %% ../nbs/14_irn.ipynb #785a784d

@@ -32,8 +32,8 @@ from .data import load_dataset, TrainDataset
 # %% auto #0
 __all__ = ['RUNTIME_FIELDS', 'BN_CALIB_BATCHES', 'valid_on_grid', 'seeds_on_grid', 'consistency_weight', 'global_weight_share',
            'pot_step_losses', 'epoch_batches', 'poly_lr', 'init_distributed', 'rng_state', 'set_rng_state',
-           'check_same_config', 'clip_seed_loader', 'make_optimizer', 'fit', 'train', 'load_trained', 'parse_bool',
-           'flag_type', 'config_parser', 'config_from_args', 'train_cli']
+           'check_same_config', 'clip_seed_loader', 'make_optimizer', 'fit', 'train', 'finished_run', 'load_trained',
+           'parse_bool', 'flag_type', 'config_parser', 'config_from_args', 'train_cli']
 
 # %% ../nbs/10_train.ipynb #4315837a
 def valid_on_grid(valid: torch.Tensor, grid) -> torch.Tensor:
@@ -323,14 +323,19 @@ def train(cfg: POTConfig, resume: bool = True) -> Path:
                find_unused=cfg.lambda_con == 0)
 
 # %% ../nbs/10_train.ipynb #a46dfd76
+def finished_run(out, config_cls, hint: str, map_location="cpu") -> tuple:
+    "(config, model state dict) of a run that `fit` finished in `out`; `hint` says how to finish it when it has not."
+    out = Path(out)
+    final = out / "ckpt" / "final.pt"
+    if not final.is_file(): raise BadInputError(f"{final}: not found; {hint}")
+    cfg = config_cls.from_dict(load_json(out / "config.json")["config"])
+    return cfg, load_checkpoint(final, map_location=map_location)["model"]
+
+
 def load_trained(run_dir, map_location="cpu") -> tuple[POTNet, POTConfig]:
     "(model in eval mode, its POTConfig) of the finished run `run_dir`."
-    run = Path(run_dir)
-    cfg = POTConfig.from_dict(load_json(run / "config.json")["config"])
-    final = run / "ckpt" / "final.pt"
-    if not final.is_file():
-        raise BadInputError(f"{final}: not found; the run has not finished training (train(cfg) or pot-train resumes it)")
-    state = load_checkpoint(final, map_location=map_location)["model"]
+    cfg, state = finished_run(run_dir, POTConfig, "the run has not finished training (train(cfg) or pot-train resumes it)",
+                              map_location)
     model = POTNet(cfg.backbone, state["classifier.weight"].shape[0], cfg.feature_stride, None, detach_side=cfg.detach_side)
     model.load_state_dict(state)
     return model.eval(), cfg
