@@ -81,7 +81,9 @@ class POTConfig(JSONConfig):
     crop: int = 128
     batch_size: int = 16
     epochs: int = 5
-    lr: float = 0.01
+    lr: float = 0.002
+    optimizer: str = "adamw"         # adamw (one lr; trains from random weights) | sgd (the paper: momentum 0.9, new layers 10× lr)
+    freeze_stem_bn: bool = False     # True: stem and every BatchNorm frozen, as in IRN/SIPE (the paper, with ImageNet weights)
     weight_decay: float = 1e-4
     grad_clip: float | None = 10.0   # max gradient norm (None: no clipping)
     amp: bool = True                 # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU runs float32
@@ -96,7 +98,8 @@ class POTConfig(JSONConfig):
 
     def __post_init__(self):
         choices = dict(dataset=("voc", "coco", "toyvoc"), seed_source=("classifier", "clip-es"),
-                       marginal=("similarity", "uniform"), device=("auto", "cpu", "cuda"))
+                       marginal=("similarity", "uniform"), device=("auto", "cpu", "cuda"),
+                       optimizer=("adamw", "sgd"))
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise BadInputError(f"POTConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")
@@ -120,9 +123,9 @@ class POTConfig(JSONConfig):
         presets = {
             "toyvoc": {},
             "voc": dict(dataset="voc", data_root="data/VOC2012", train_split="train_aug", backbone="resnet50",
-                        feature_stride=16, crop=512, batch_size=16, epochs=5, lr=0.1),
+                        feature_stride=16, crop=512, batch_size=16, epochs=5, lr=0.1, optimizer="sgd", freeze_stem_bn=True),
             "coco": dict(dataset="coco", data_root="data/COCO2014", train_split="train", backbone="resnet50",
-                         feature_stride=16, crop=512, batch_size=16, epochs=5, lr=0.1),
+                         feature_stride=16, crop=512, batch_size=16, epochs=5, lr=0.1, optimizer="sgd", freeze_stem_bn=True),
         }
         if name not in presets: raise BadInputError(f"unknown preset {name!r}; expected one of {tuple(presets)}")
         return cls(**{**presets[name], **overrides})

@@ -56,19 +56,23 @@ def resize(x: torch.Tensor, size) -> torch.Tensor:
 
 # %% ../nbs/09_model.ipynb #fbeb8aa7
 class FrozenBN(nn.Module):
-    "Base of the networks whose BatchNorm layers always stay in eval mode (frozen statistics), as in IRN/SIPE/DeepLab."
+    "Base of the networks whose BatchNorm layers stay in eval mode (frozen statistics) while `frozen_bn`, as in IRN/SIPE/DeepLab."
+    frozen_bn: bool = True
+
     def train(self, mode: bool = True):
-        "Train mode everywhere except BatchNorm."
+        "Train mode everywhere except BatchNorm (when `frozen_bn`)."
         super().train(mode)
-        for m in self.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
+        if self.frozen_bn:
+            for m in self.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm): m.eval()
         return self
 
 
 class POTNet(FrozenBN):
-    "ResNet encoder (output stride 16, frozen stem and BN), hierarchical features `F`, bias-free 1×1 classifier."
+    "ResNet encoder (output stride 16, stem and BN frozen unless `freeze_stem_bn=False`), hierarchical features `F`, bias-free 1×1 classifier."
     def __init__(self, backbone: str = "resnet50", num_classes: int = 20, feature_stride: int = 16,
-                 pretrained: str | None = None, side_dims: tuple = SIDE_DIMS, detach_side: bool = False):
+                 pretrained: str | None = None, side_dims: tuple = SIDE_DIMS, detach_side: bool = False,
+                 freeze_stem_bn: bool = True):
         super().__init__()
         if feature_stride not in FEATURE_STRIDES:
             raise BadInputError(f"feature_stride={feature_stride}; expected one of {tuple(FEATURE_STRIDES)}")
@@ -80,7 +84,8 @@ class POTNet(FrozenBN):
         self.side = nn.ModuleList(nn.Conv2d(c + 3, d, 1, bias=False) for c, d in zip(chans, side_dims))
         self.classifier = nn.Conv2d(chans[-1], num_classes, 1, bias=False)
         nn.init.kaiming_normal_(self.classifier.weight)
-        freeze_stem_and_bn(self)
+        self.frozen_bn = freeze_stem_bn
+        if freeze_stem_bn: freeze_stem_and_bn(self)
         if pretrained is not None: load_imagenet_weights(self, pretrained)
 
     @property

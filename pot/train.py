@@ -197,8 +197,10 @@ def _amp(cfg: POTConfig, device: torch.device):
 
 # %% ../nbs/10_train.ipynb #53d44693
 def make_optimizer(model, cfg: POTConfig) -> torch.optim.Optimizer:
-    "SGD (momentum 0.9) over `param_groups` (new layers at 10× the learning rate), weight decay `cfg.weight_decay`."
-    return torch.optim.SGD(param_groups(model, cfg.lr), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    "`cfg.optimizer`: 'sgd' (momentum 0.9, new layers at 10× the learning rate) or 'adamw' (one learning rate); weight decay `cfg.weight_decay`."
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(param_groups(model, cfg.lr), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(param_groups(model, cfg.lr, new_mult=1.0), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 # %% ../nbs/10_train.ipynb #728bfb49
 def _value(v) -> float:
@@ -305,11 +307,13 @@ def train(cfg: POTConfig, resume: bool = True) -> Path:
     def build(start, device):
         ds, tds = _build_data(cfg)
         model = POTNet(cfg.backbone, ds.num_classes, cfg.feature_stride, cfg.pretrained,
-                       detach_side=cfg.detach_side).to(device)
-        if start is None and cfg.pretrained is None:
+                       detach_side=cfg.detach_side, freeze_stem_bn=cfg.freeze_stem_bn).to(device)
+        if start is None and cfg.pretrained is None and cfg.freeze_stem_bn:
             tds.set_epoch(0)
             calib = epoch_batches(len(tds), cfg.batch_size, 0, cfg.seed)[:BN_CALIB_BATCHES]
             calibrate_bn(model, (b["img"].to(device) for b in _loader(tds, calib, cfg, device)))
+        if not cfg.freeze_stem_bn and device.type == "cuda" and dist.is_initialized() and dist.get_world_size() > 1:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)   # same parameters and buffers
         return model, make_optimizer(model, cfg), tds
 
     def step_losses(net, batch, step, rank):
@@ -336,7 +340,8 @@ def load_trained(run_dir, map_location="cpu") -> tuple[POTNet, POTConfig]:
     "(model in eval mode, its POTConfig) of the finished run `run_dir`."
     cfg, state = finished_run(run_dir, POTConfig, "the run has not finished training (train(cfg) or pot-train resumes it)",
                               map_location)
-    model = POTNet(cfg.backbone, state["classifier.weight"].shape[0], cfg.feature_stride, None, detach_side=cfg.detach_side)
+    model = POTNet(cfg.backbone, state["classifier.weight"].shape[0], cfg.feature_stride, None, detach_side=cfg.detach_side,
+                   freeze_stem_bn=cfg.freeze_stem_bn)
     model.load_state_dict(state)
     return model.eval(), cfg
 

@@ -13,7 +13,7 @@ import pytest
 from pydensecrf.utils import unary_from_labels, unary_from_softmax
 
 from pot.core import BadInputError, load_json, load_npz, save_npz
-from pot.crf import (CRF_PRESETS, cam_probs, crf_inference, crf_label, evaluate_pseudo_labels, label_probs,
+from pot.crf import (CRF_PRESETS, cam_probs, crf_inference, evaluate_pseudo_labels, label_probs,
                      make_crf_labels, make_simulated_run, simulate_cams)
 from pot.data import load_dataset
 from pot.metrics import CAMEvaluator, SegEvaluator

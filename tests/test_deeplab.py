@@ -5,23 +5,20 @@ exact resume after SIGKILL through the `pot-deeplab` command line, the CRF proce
 """
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import ROOT, kill_at_checkpoint, subprocess_env
 from pot.core import BadInputError, load_checkpoint, load_json, read_jsonl
 from pot.data import load_dataset
 from pot.experiments import notebook_parameters
 from pot.viz import read_label_png, save_palette_png
 
-ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / "nbs" / "segmentation.ipynb"
 RUNNER = "import sys; from pot.deeplab import deeplab_cli; deeplab_cli(sys.argv[1:])"
 TINY = dict(crop=48, batch_size=4, epochs=2, log_every=1, ckpt_every=2, num_workers=0, device="cpu")
@@ -125,11 +122,6 @@ def flags(cfg) -> list[str]:
             if k != "scale"] + ["--scale", *map(str, cfg.scale)]
 
 
-def env() -> dict:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=path)
-
-
 @pytest.fixture(scope="module")
 def trained(toy, tmp_path_factory):
     "An uninterrupted tiny training (6 steps), in this process with one thread."
@@ -142,16 +134,9 @@ def test_kill_and_resume_is_bit_identical(toy, trained, tmp_path):
     killed = config(toy, tmp_path / "killed")
     cmd = [sys.executable, "-c", RUNNER, *flags(killed), "--train-only"]
     last, final = tmp_path / "killed" / "ckpt" / "last.pt", tmp_path / "killed" / "ckpt" / "final.pt"
-    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        t0 = time.time()
-        while not last.exists() and proc.poll() is None and time.time() - t0 < 240: time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)     # no clean-up of any kind: the process just disappears
-    finally:
-        proc.wait()
-    assert last.exists() and not final.exists(), "the run was not killed between its checkpoint and the end"
+    kill_at_checkpoint(cmd, last, final)
     assert load_checkpoint(last)["step"] in (2, 4)                # 3 steps per epoch: killed mid-epoch
-    p = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     a = load_checkpoint(trained / "ckpt" / "final.pt")["model"]
     b = load_checkpoint(final)["model"]

@@ -6,17 +6,14 @@ input, and pseudo_labels.ipynb end to end through papermill.
 Training runs in subprocesses through `pot.irn.irn_cli` with one intra-op thread (OMP_NUM_THREADS=1), as in
 tests/test_train.py: runs compared bit for bit then use the same kernels and reduction order.
 """
-import os
-import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import ROOT, kill_at_checkpoint, subprocess_env
 from pot.core import BadInputError, load_checkpoint, load_json, load_npz, read_jsonl, save_json, save_npz
 from pot.crf import evaluate_pseudo_labels, make_simulated_run, read_image_cams
 from pot.data import load_dataset
@@ -28,15 +25,9 @@ from pot.metrics import CAMEvaluator, SegEvaluator
 from pot.toyvoc import generate_toyvoc
 from pot.viz import read_label_png
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNNER = "import sys; from pot.irn import irn_cli; irn_cli(sys.argv[1:])"
 TINY = dict(backbone="resnet18", pretrained="None", crop=48, batch_size=4, epochs=2, lr=0.1, momentum=0.9, radius=5,
             ckpt_every=3, log_every=1, device="cpu")
-
-
-def env() -> dict:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=path)
 
 
 def flags(run, cfg: dict, stage="train") -> list[str]:
@@ -185,15 +176,7 @@ def test_training_lowers_the_loss_on_fixed_crops(reference, toy):
 def test_kill_and_resume_is_bit_identical(reference, sim, tmp_path):
     run = copy_run(sim, tmp_path / "run")
     last, final = run / "irn/ckpt/last.pt", run / "irn/ckpt/final.pt"
-    p = subprocess.Popen([sys.executable, "-c", RUNNER, *flags(run, TINY)], env=env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    try:
-        t0 = time.time()
-        while not last.exists() and p.poll() is None and time.time() - t0 < 300: time.sleep(0.02)
-        p.send_signal(signal.SIGKILL)                               # no clean-up of any kind
-    finally:
-        p.wait()
-    assert last.exists() and not final.exists(), "the run was not killed between its first checkpoint and the end"
+    kill_at_checkpoint([sys.executable, "-c", RUNNER, *flags(run, TINY)], last, final)
     assert load_checkpoint(last)["step"] in (3, 6)
     with one_thread(): train_irn(run, tiny_cfg())                   # resumes from last.pt
     a, b = load_checkpoint(reference / "irn/ckpt/final.pt")["model"], load_checkpoint(final)["model"]
@@ -212,7 +195,7 @@ def test_two_processes_match_one(reference, sim, tmp_path):
     order."""
     two = copy_run(sim, tmp_path / "two")
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "pot.irn", *flags(two, TINY)], env=env(), capture_output=True, text=True, timeout=400)
+                        "-m", "pot.irn", *flags(two, TINY)], env=subprocess_env(), capture_output=True, text=True, timeout=400)
     assert p.returncode == 0, p.stderr[-3000:]
     assert load_json(two / "irn/config.json")["env"]["world_size"] == 2
     a, b = read_jsonl(reference / "irn/metrics.jsonl"), read_jsonl(two / "irn/metrics.jsonl")

@@ -1,5 +1,4 @@
 """`pipeline.ipynb` end to end on a tiny ToyVOC (`quick=True`), and that a rerun skips every finished stage."""
-import json
 from pathlib import Path
 
 import papermill as pm

@@ -6,20 +6,16 @@ Training runs in subprocesses launched through the `pot-train` command line (`po
 one intra-op thread each (OMP_NUM_THREADS=1): the runs compared bit for bit then use the same kernels
 and reduction order.
 """
-import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import kill_at_checkpoint, subprocess_env
 from pot.core import BadInputError, POTConfig, load_checkpoint, load_json, read_jsonl, save_json, save_npz
 
-ROOT = Path(__file__).resolve().parents[1]
 RUNNER = "import sys; from pot.train import train_cli; train_cli(sys.argv[1:])"
 TINY = dict(backbone="resnet18", crop=64, batch_size=4, feature_stride=8, epochs=2, lr=0.01, K=3, lambda_con=1.0,
             ckpt_every=4, log_every=1, num_workers=0, device="cpu")
@@ -36,13 +32,8 @@ def flags(cfg: dict) -> list[str]:
     return [a for k, v in cfg.items() for a in (f"--{k}", str(v))]
 
 
-def env() -> dict:
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
-    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=path)
-
-
 def run_train(cfg: dict, timeout=300) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-c", RUNNER, *flags(cfg)], env=env(), capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([sys.executable, "-c", RUNNER, *flags(cfg)], env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
     assert p.returncode == 0, p.stderr[-3000:]
     return p
 
@@ -62,15 +53,7 @@ def reference(toy, tmp_path_factory):
 def test_kill_and_resume_is_bit_identical(reference, tmp_path):
     cfg = dict(reference, out_dir=str(tmp_path / "killed"))
     last, final = tmp_path / "killed" / "ckpt" / "last.pt", tmp_path / "killed" / "ckpt" / "final.pt"
-    p = subprocess.Popen([sys.executable, "-c", RUNNER, *flags(cfg)], env=env(), stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    try:
-        t0 = time.time()
-        while not last.exists() and p.poll() is None and time.time() - t0 < 240: time.sleep(0.02)
-        p.send_signal(signal.SIGKILL)     # no clean-up of any kind: the process just disappears
-    finally:
-        p.wait()
-    assert last.exists() and not final.exists(), "the run was not killed between its first checkpoint and the end"
+    kill_at_checkpoint([sys.executable, "-c", RUNNER, *flags(cfg)], last, final)
     step = load_checkpoint(last)["step"]
     assert step in (4, 8) and step % 6 != 0   # 6 steps per epoch: the kill came mid-epoch
     run_train(cfg)                            # same command again: resumes from last.pt
@@ -104,9 +87,9 @@ def test_run_folder_contents(reference):
 
 
 def test_two_processes_match_one(toy, tmp_path):
-    """2 gloo processes with 2 images each vs 1 process with the global batch of 4, 6 steps.
+    """2 gloo processes with 2 images each vs 1 process with the global batch of 4, 6 steps, with the paper's recipe.
 
-    Frozen BN makes every image's forward pass independent of the others, DDP averages the two halves'
+    Frozen BN (`freeze_stem_bn=True`; trainable BN would normalise each process's half-batch on its own) makes every image's forward pass independent of the others, DDP averages the two halves'
     gradients, and the consistency loss is normalised over the global batch (`global_weight_share`), so
     both runs compute the same update up to float32 summation order (per-rank partial sums, then an
     all-reduce; ~1e-7 relative). Step 1 (same weights) must agree to 1e-5 relative. Later steps follow
@@ -116,12 +99,12 @@ def test_two_processes_match_one(toy, tmp_path):
     K>1 k-means++ draws its initial centres in batch order from one generator per process, so the two
     runs would start k-means from different centres (a difference of method randomness, not of DDP).
     """
-    base = dict(TINY, dataset="toyvoc", data_root=str(toy), epochs=1, K=1, ckpt_every=100)
+    base = dict(TINY, dataset="toyvoc", data_root=str(toy), epochs=1, K=1, ckpt_every=100, optimizer="sgd", freeze_stem_bn=True)
     one = dict(base, out_dir=str(tmp_path / "one"))
     two = dict(base, out_dir=str(tmp_path / "two"))
     run_train(one)
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "pot.train", *flags(two)], env=env(), capture_output=True, text=True, timeout=300)
+                        "-m", "pot.train", *flags(two)], env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert load_json(tmp_path / "two" / "config.json")["env"]["world_size"] == 2
     a, b = read_jsonl(tmp_path / "one" / "metrics.jsonl"), read_jsonl(tmp_path / "two" / "metrics.jsonl")

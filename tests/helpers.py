@@ -1,0 +1,26 @@
+"""Helpers of the test files that train in subprocesses: their environment, and killing a run at its first checkpoint."""
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env() -> dict:
+    "The environment of a training subprocess: one intra-op thread (runs compared bit for bit then use the same kernels and reduction order) and the repo on PYTHONPATH."
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=path)
+
+
+def kill_at_checkpoint(cmd: list, last: Path, final: Path, timeout: float = 300) -> None:
+    "Run `cmd` and SIGKILL it (no clean-up of any kind) as soon as its checkpoint `last` exists; check it died before writing `final`."
+    p = subprocess.Popen(cmd, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        t0 = time.time()
+        while not last.exists() and p.poll() is None and time.time() - t0 < timeout: time.sleep(0.02)
+        p.send_signal(signal.SIGKILL)
+    finally:
+        p.wait()
+    assert last.exists() and not final.exists(), "the run was not killed between its first checkpoint and the end"
