@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
 import hashlib
 import multiprocessing as mp
 import os
@@ -30,7 +29,7 @@ from .crf import check_crf_params, crf_inference, default_workers, label_png_ok
 from .data import IGNORE, InferDataset, TrainDataset, load_dataset, read_mask
 from .metrics import SegEvaluator
 from .model import FrozenBN, build_resnet, calibrate_bn, load_imagenet_weights, stage_channels
-from .train import BN_CALIB_BATCHES, epoch_batches, finished_run, fit, flag_type, parse_bool
+from .train import BN_CALIB_BATCHES, add_config_flags, config_from_flags, epoch_batches, finished_run, fit, parse_bool
 from . import viz
 
 # %% auto #0
@@ -511,31 +510,20 @@ def run_segmentation(cfg: DeepLabConfig, split: str = "val", scales=DEFAULT_TEST
 def deeplab_parser() -> argparse.ArgumentParser:
     "The `pot-deeplab` argument parser: one flag per DeepLabConfig field, --preset, --config, --no-resume and the inference options."
     p = argparse.ArgumentParser(prog="pot-deeplab", description="Stage 4: train DeepLabV2 on pseudo labels, predict and score a split.")
-    p.add_argument("--preset", default=None, help="start from DeepLabConfig.preset(NAME): toyvoc | voc | coco")
-    p.add_argument("--config", default=None, help="start from a segmentation run's config.json")
-    p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
     p.add_argument("--split", default="val", help="split to predict and score (default val)")
     p.add_argument("--test_scales", type=float, nargs="+", default=list(DEFAULT_TEST_SCALES), help="inference scales")
     p.add_argument("--crf", type=parse_bool, default=True, help="DenseCRF on the predictions (default true)")
     p.add_argument("--n_workers", type=int, default=None, help="CRF processes (default: all CPUs)")
     p.add_argument("--train-only", action="store_true", help="train, do not predict or score")
-    for f in dataclasses.fields(DeepLabConfig):
-        if f.name == "scale": p.add_argument("--scale", type=float, nargs=2, default=argparse.SUPPRESS, help=f"default {f.default}")
-        else: p.add_argument(f"--{f.name}", type=flag_type(f), default=argparse.SUPPRESS, help=f"default {f.default!r}")
-    return p
+    return add_config_flags(p, DeepLabConfig, dict(scale=2))
 
 
 def deeplab_config_from_args(argv=None) -> tuple[DeepLabConfig, dict]:
     "(DeepLabConfig, dict of the other options: resume, split, test_scales, crf, n_workers, train_only) from command-line flags."
     args = vars(deeplab_parser().parse_args(argv))
-    preset, config = args.pop("preset"), args.pop("config")
-    opts = dict(resume=not args.pop("no_resume"), split=args.pop("split"), test_scales=tuple(args.pop("test_scales")),
-                crf=args.pop("crf"), n_workers=args.pop("n_workers"), train_only=args.pop("train_only"))
-    if preset and config: raise BadInputError("give --preset or --config, not both")
-    if config:
-        d = load_json(config); d = d.get("config", d)
-        cfg = DeepLabConfig.from_dict({**d, **args})
-    else: cfg = DeepLabConfig.preset(preset or "toyvoc", **args)
+    opts = dict(split=args.pop("split"), test_scales=tuple(args.pop("test_scales")), crf=args.pop("crf"),
+                n_workers=args.pop("n_workers"), train_only=args.pop("train_only"))
+    cfg, opts["resume"] = config_from_flags(args, DeepLabConfig)
     return cfg, opts
 
 

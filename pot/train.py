@@ -33,7 +33,8 @@ from .data import load_dataset, TrainDataset
 __all__ = ['RUNTIME_FIELDS', 'BN_CALIB_BATCHES', 'valid_on_grid', 'seeds_on_grid', 'consistency_weight', 'global_weight_share',
            'pot_step_losses', 'epoch_batches', 'poly_lr', 'init_distributed', 'rng_state', 'set_rng_state',
            'check_same_config', 'clip_seed_loader', 'make_optimizer', 'fit', 'train', 'finished_run', 'load_trained',
-           'parse_bool', 'flag_type', 'config_parser', 'config_from_args', 'train_cli']
+           'parse_bool', 'flag_type', 'add_config_flags', 'config_from_flags', 'config_parser', 'config_from_args',
+           'train_cli']
 
 # %% ../nbs/10_train.ipynb #4315837a
 def valid_on_grid(valid: torch.Tensor, grid) -> torch.Tensor:
@@ -362,30 +363,39 @@ def flag_type(f: dataclasses.Field):
     return base
 
 
-def config_parser() -> argparse.ArgumentParser:
-    "The `pot-train` argument parser: one flag per POTConfig field plus --preset, --config, --no-resume."
-    p = argparse.ArgumentParser(prog="pot-train", description="Train POT (stage 1); writes a run folder out_dir.")
-    p.add_argument("--preset", default=None, help="start from POTConfig.preset(NAME): toyvoc | voc | coco")
+def add_config_flags(p: argparse.ArgumentParser, config_cls, multi: dict | None = None) -> argparse.ArgumentParser:
+    "Add --preset, --config, --no-resume and one flag per `config_cls` field to `p`; fields in `multi` take that many floats (nargs)."
+    multi = multi or {}
+    p.add_argument("--preset", default=None, help=f"start from {config_cls.__name__}.preset(NAME): toyvoc | voc | coco")
     p.add_argument("--config", default=None, help="start from a run's config.json")
     p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
-    for f in dataclasses.fields(POTConfig):
-        if f.name in ("cam_scales", "pot_scales"):
-            p.add_argument(f"--{f.name}", type=float, nargs="+", default=argparse.SUPPRESS, help=f"default {f.default}")
+    for f in dataclasses.fields(config_cls):
+        if f.name in multi:
+            p.add_argument(f"--{f.name}", type=float, nargs=multi[f.name], default=argparse.SUPPRESS, help=f"default {f.default}")
         else:
             p.add_argument(f"--{f.name}", type=flag_type(f), default=argparse.SUPPRESS, help=f"default {f.default!r}")
     return p
 
 
-def config_from_args(argv=None) -> tuple[POTConfig, bool]:
-    "(POTConfig, resume) from command-line flags."
-    args = vars(config_parser().parse_args(argv))
+def config_from_flags(args: dict, config_cls) -> tuple:
+    "(config, resume) from the parsed flags of `add_config_flags`; --preset/--config/--no-resume are popped from `args`, the rest override fields."
     preset, config, no_resume = args.pop("preset"), args.pop("config"), args.pop("no_resume")
     if preset and config: raise BadInputError("give --preset or --config, not both")
     if config:
         d = load_json(config); d = d.get("config", d)
-        cfg = POTConfig.from_dict({**d, **args})
-    else: cfg = POTConfig.preset(preset or "toyvoc", **args)
-    return cfg, not no_resume
+        return config_cls.from_dict({**d, **args}), not no_resume
+    return config_cls.preset(preset or "toyvoc", **args), not no_resume
+
+
+def config_parser() -> argparse.ArgumentParser:
+    "The `pot-train` argument parser: one flag per POTConfig field plus --preset, --config, --no-resume."
+    p = argparse.ArgumentParser(prog="pot-train", description="Train POT (stage 1); writes a run folder out_dir.")
+    return add_config_flags(p, POTConfig, dict(cam_scales="+", pot_scales="+"))
+
+
+def config_from_args(argv=None) -> tuple[POTConfig, bool]:
+    "(POTConfig, resume) from command-line flags."
+    return config_from_flags(vars(config_parser().parse_args(argv)), POTConfig)
 
 
 def train_cli(argv=None) -> None:

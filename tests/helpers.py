@@ -1,9 +1,13 @@
-"""Helpers of the test files that train in subprocesses: their environment, and killing a run at its first checkpoint."""
+"""Helpers of the test files: the environment of training subprocesses, killing a run at its first checkpoint, and
+checking a notebook's papermill parameters against its config dataclass."""
+import dataclasses
 import os
 import signal
 import subprocess
 import time
 from pathlib import Path
+
+from pot.experiments import notebook_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,3 +28,12 @@ def kill_at_checkpoint(cmd: list, last: Path, final: Path, timeout: float = 300)
     finally:
         p.wait()
     assert last.exists() and not final.exists(), "the run was not killed between its first checkpoint and the end"
+
+
+def check_parameters_match(nb: Path, config_cls) -> dict:
+    "Check that the parameters cell of `nb` lists every `config_cls` field, in order, with its default; return the parameters."
+    params, defaults = notebook_parameters(nb), config_cls().to_dict()
+    fields = [f.name for f in dataclasses.fields(config_cls)]
+    assert [k for k in params if k in defaults] == fields, f"parameters must list every {config_cls.__name__} field, in order"
+    assert {k: params[k] for k in fields} == defaults
+    return params

@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, kill_at_checkpoint, subprocess_env
+from helpers import ROOT, check_parameters_match, kill_at_checkpoint, subprocess_env
 from pot.core import BadInputError, load_checkpoint, load_json, read_jsonl
 from pot.data import load_dataset
-from pot.experiments import notebook_parameters
 from pot.viz import read_label_png, save_palette_png
 
 NB = ROOT / "nbs" / "segmentation.ipynb"
@@ -170,12 +169,8 @@ def test_clear_errors(toy, trained, tmp_path):
 
 def test_parameters_match_config():
     from pot.deeplab import DeepLabConfig, DEFAULT_TEST_SCALES
-    params = notebook_parameters(NB)
-    defaults = DeepLabConfig().to_dict()
-    fields = [f.name for f in dataclasses.fields(DeepLabConfig)]
-    assert [k for k in params if k in defaults] == fields, "parameters must list every DeepLabConfig field, in order"
-    assert {k: params[k] for k in fields} == defaults
-    assert set(params) - set(fields) == {"split", "test_scales", "crf", "n_workers", "overwrite", "toyvoc"}
+    params = check_parameters_match(NB, DeepLabConfig)
+    assert set(params) - {f.name for f in dataclasses.fields(DeepLabConfig)} == {"split", "test_scales", "crf", "n_workers", "overwrite", "toyvoc"}
     assert tuple(params["test_scales"]) == DEFAULT_TEST_SCALES
 
 
