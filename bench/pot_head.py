@@ -9,6 +9,8 @@ ResNet-50 forward+backward on the same device; the head's peak memory.
 Times are medians over `--reps` calls after one warm-up call, wall clock (and process CPU time on CPU, which is less
 sensitive to other jobs sharing the cores). On CPU torch runs with `--threads` threads (default 1: on a shared
 machine OpenMP threads that spin-wait for a busy core can make 2-thread runs many times slower).
+`malloc` keeps freed memory for reuse (`pot.core.keep_freed_memory`), as in every stage of the pipeline, for both
+(a) and (b); `POT_MALLOC=default python bench/pot_head.py` measures with glibc's default instead.
 Peak memory: CPU = rise of the peak resident set size (VmHWM, reset through /proc/self/clear_refs) over the resident
 size just before the head, measured in a fresh child process (inputs already allocated, so not counted); CUDA =
 torch.cuda.max_memory_allocated() over memory_allocated() just before the head.
@@ -28,6 +30,7 @@ import torch
 import torch.nn.functional as Fn
 
 from pot.activation import pot_cams
+from pot.core import keep_freed_memory
 from pot.cluster import normalize_with_background, kmeans_uniforms
 from pot.transport import synthetic_feature_maps
 
@@ -157,7 +160,7 @@ def head_memory(args):
     "Child mode: peak memory of one forward+backward of the head (MiB), printed as JSON."
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    F, S, labels = make_inputs(args, device)
+    F, S, labels = make_inputs(args, device)     # glibc's default malloc here: kept freed memory would hide the peak
     F.requires_grad_(True)
     def run():
         out = pot_cams(F, S, labels, K=args.K)
@@ -204,11 +207,12 @@ def main(argv=None):
     if args.device == "cuda" and not torch.cuda.is_available(): sys.exit("--device cuda but no CUDA GPU is visible")
     if args._memory: return head_memory(args)
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()
     device = torch.device(args.device)
     F, S, labels = make_inputs(args, device)
     print(f"device {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else f'{args.threads} thread(s)'}), "
           f"batch {args.batch}, {args.classes} classes ({args.present} present) + bg, K={args.K}, D={args.D}, "
-          f"grid {args.grid}x{args.grid}, load {os.getloadavg()[0]:.1f}")
+          f"grid {args.grid}x{args.grid}, malloc {'keeps freed memory' if kept else 'default'}, load {os.getloadavg()[0]:.1f}")
     res = {}
     with torch.no_grad():
         res["a_forward"] = timed(lambda: pot_cams(F, S, labels, K=args.K), device, args.reps)

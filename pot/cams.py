@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import BadInputError, POTConfig, load_npz, save_npz, save_json, load_json, resolve_device
+from .core import BadInputError, POTConfig, load_npz, save_npz, save_json, load_json, resolve_device, keep_freed_memory
 from .cluster import normalize_with_background
 from .activation import pot_cams
 from .data import load_dataset, InferDataset
@@ -94,7 +94,8 @@ def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, 
     "Write multi-scale CAMs (cls, pot, pot_k1, final) of every image of `split` into `run_dir/cams/`; resumable."
     from pot.train import load_trained
     model, cfg = load_trained(run_dir)
-    model.to(resolve_device(device)).eval()
+    model.to(resolve_device(device), memory_format=torch.channels_last).eval()   # see 'Speed' above
+    keep_freed_memory()
     split = split or cfg.eval_split
     ds = load_dataset(cfg.dataset, data_root or cfg.data_root, split)
     inf = InferDataset(ds, scales=cfg.cam_scales)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .core import BadInputError, env_info, load_checkpoint, load_json, load_npz, resolve_device
+from .core import BadInputError, env_info, load_checkpoint, load_json, load_npz, resolve_device, keep_freed_memory
 from .core import save_checkpoint, save_json, save_npz
 
 # %% auto #0
@@ -628,6 +628,7 @@ def build_clip_cache(data_root, split: str, out, dataset: str = "voc", pretraine
     ds = load_dataset(dataset, data_root, split)
     out = Path(out)
     dev = resolve_device(device)
+    keep_freed_memory()
     if dev.type == "cuda" and dev.index is None and world > 1: dev = torch.device(f"cuda:{local}")
     if model is None: model = load_clip(pretrained, dev, seed=seed)
     else: model = model.to(dev)

@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
 import platform
 import random
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, asdict
 from pathlib import Path
@@ -21,9 +23,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['BadInputError', 'check_finite', 'JSONConfig', 'POTConfig', 'seed_everything', 'resolve_device', 'atomic_write',
-           'save_json', 'load_json', 'append_jsonl', 'read_jsonl', 'save_npz', 'load_npz', 'save_checkpoint',
-           'load_checkpoint', 'git_commit', 'env_info']
+__all__ = ['BadInputError', 'check_finite', 'JSONConfig', 'POTConfig', 'seed_everything', 'resolve_device', 'keep_freed_memory',
+           'atomic_write', 'save_json', 'load_json', 'append_jsonl', 'read_jsonl', 'save_npz', 'load_npz',
+           'save_checkpoint', 'load_checkpoint', 'git_commit', 'env_info']
 
 # %% ../nbs/00_core.ipynb #421e819a
 class BadInputError(ValueError):
@@ -147,6 +149,23 @@ def resolve_device(device: str = "auto") -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInputError(f"device={device!r} but no CUDA GPU is visible; use device='cpu' or 'auto'")
     return torch.device(device)
+
+# %% ../nbs/00_core.ipynb #08722804
+_MALLOPT = {}   # the settings keep_freed_memory applied (empty until it ran)
+
+
+def keep_freed_memory() -> bool:
+    "On glibc, make `malloc` keep freed blocks for reuse (no `mmap`, trim above 2 GiB); True when it is (now) in effect."
+    if _MALLOPT: return _MALLOPT["applied"]
+    applied = False
+    if (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+            and os.environ.get("POT_MALLOC", "") != "default" and "MALLOC_MMAP_MAX_" not in os.environ):
+        try: libc = ctypes.CDLL("libc.so.6")
+        except OSError: libc = None
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4          # mallopt parameter numbers of <malloc.h>
+        applied = libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    _MALLOPT["applied"] = applied
+    return applied
 
 # %% ../nbs/00_core.ipynb #a24bf893
 @contextlib.contextmanager

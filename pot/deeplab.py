@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import BadInputError, JSONConfig, load_checkpoint, load_json, resolve_device, save_json
+from .core import BadInputError, JSONConfig, load_checkpoint, load_json, resolve_device, keep_freed_memory, save_json
 from .crf import check_crf_params, crf_inference, default_workers, label_png_ok
 from .data import IGNORE, InferDataset, TrainDataset, load_dataset, read_mask
 from .metrics import SegEvaluator
@@ -384,6 +384,7 @@ def infer_segmentation(run_dir, split: str = "val", scales=DEFAULT_TEST_SCALES, 
         for stale in (out / k).glob(".*.png.*.tmp"): stale.unlink(missing_ok=True)      # temp files of a killed writer
     todo = [i for i in range(n) if not all(label_png_ok(out / k / f"{ds.name(i)}.png", ds.image_size(i)) for k in kinds)]
     dev = resolve_device(device)
+    keep_freed_memory()
     model.to(dev, memory_format=torch.channels_last)
     n_workers = max(1, min(default_workers() if n_workers is None else n_workers, len(todo) or 1))
     pool = None
@@ -546,6 +547,7 @@ def step_time(backbone: str = "resnet101", batch_size: int = 10, crop: int = 321
     "Seconds per DeepLabV2 training step (forward, loss, backward, SGD) on random data: dict(sec_per_step=median wall, cpu_sec_per_step, times, …)."
     if steps < 1 or warmup < 0: raise BadInputError(f"steps={steps}, warmup={warmup}; expected steps >= 1, warmup >= 0")
     dev = resolve_device(device)
+    keep_freed_memory()
     torch.manual_seed(seed)
     model = DeepLabV2(backbone, n_classes).to(dev, memory_format=torch.channels_last).train()
     opt = torch.optim.SGD(deeplab_param_groups(model, 2.5e-4), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)

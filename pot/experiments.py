@@ -92,12 +92,13 @@ def point_name(overrides: dict) -> str:
 
 
 def ablation_points(taus=(0.6, 0.65, 0.7, 0.75, 0.8), Ks=(1, 2, 3, 4, 5), tau0: float = 0.7, K0: int = 3,
-                    allocation: bool = True) -> list[dict]:
-    "Sweep points as dicts of train.ipynb parameters: τ at K0, K at τ0 (τ0/K0 once), then the allocation ablations."
+                    allocation: bool = True, seeds=(0,)) -> list[dict]:
+    "Sweep points as dicts of train.ipynb parameters: τ at K0, K at τ0 (τ0/K0 once), the allocation ablations; each per seed."
+    if not seeds: raise BadInputError("seeds is empty; expected at least one seed, e.g. [0]")
     pts = [dict(tau=float(t), K=int(K0)) for t in taus]
     pts += [dict(tau=float(tau0), K=int(k)) for k in Ks if not (int(k) == K0 and float(tau0) in map(float, taus))]
     if allocation: pts += [dict(tau=float(tau0), K=int(K0), marginal="uniform"), dict(tau=float(tau0), K=int(K0), rho=None)]
-    return pts
+    return [p if int(sd) == 0 else {**p, "seed": int(sd)} for p in pts for sd in seeds]
 
 
 def train_seconds(run_dir) -> float:
@@ -109,7 +110,7 @@ def train_seconds(run_dir) -> float:
     return total
 
 
-SWEPT = ("tau", "K", "marginal", "rho", "lambda_con")   # parameters reported in every row of a sweep table
+SWEPT = ("tau", "K", "marginal", "rho", "lambda_con", "seed")   # parameters reported in every row of a sweep table
 
 # the reduced setting of the experiment notebooks' `quick=True`: small ToyVOC, one short epoch
 QUICK_BASE = dict(data_root="data/toyvoc_quick", toyvoc=dict(n_train=32, n_val=8, size=96), epochs=1, batch_size=8,
@@ -142,13 +143,14 @@ def plot_ablation(df: pd.DataFrame, tau0: float = 0.7, K0: int = 3, path=None):
     import seaborn as sns
     from pot import viz
     sweep = df[~is_allocation_point(df)]
+    n_seeds = int(sweep.groupby(["tau", "K"]).size().max())
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, (x, fixed, val, title) in zip(axes, [("tau", "K", K0, f"(a) τ at K = {K0}"), ("K", "tau", tau0, f"(b) K at τ = {tau0}")]):
         part = sweep[sweep[fixed] == val].sort_values(x)
         long = part.melt(x, ["pot", "classifier"], var_name="CAM", value_name="mIoU").replace(
             {"CAM": {"pot": "POT CAM", "classifier": "classifier CAM"}})
-        sns.lineplot(data=long, x=x, y="mIoU", hue="CAM", marker="o", ax=ax)
-        ax.set(title=title, xlabel={"tau": "τ", "K": "K"}[x], ylabel="CAM mIoU (%)")
+        sns.lineplot(data=long, x=x, y="mIoU", hue="CAM", marker="o", errorbar="sd", ax=ax)
+        ax.set(title=title + (f" (mean ± sd of {n_seeds} seeds)" if n_seeds > 1 else ""), xlabel={"tau": "τ", "K": "K"}[x], ylabel="CAM mIoU (%)")
         if x == "K": ax.set_xticks(sorted(part[x].unique()))
     fig.tight_layout()
     if path is not None: viz.save_figure(fig, path)

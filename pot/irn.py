@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import BadInputError, JSONConfig, load_checkpoint, load_json, resolve_device, save_json
+from .core import BadInputError, JSONConfig, load_checkpoint, load_json, resolve_device, keep_freed_memory, save_json
 from .crf import (CRF_PRESETS, label_png_ok, run_source, check_crf_params, crf_inference, default_workers,
                      label_probs, read_image_cams)
 from .data import TrainDataset, load_dataset, normalize_image
@@ -595,6 +595,7 @@ def make_irn_labels(run_dir, split: str | None = None, which: str = "final", bet
     if not 0 <= sem_seg_bg_thres <= 1: raise BadInputError(f"sem_seg_bg_thres={sem_seg_bg_thres}; expected a value in [0, 1]")
     RelationPaths(radius)
     dev = resolve_device(device)
+    keep_freed_memory()
     model, _ = load_irn(run_dir, map_location=dev)
     model.to(dev)
     params = dict(method="irn", which=which, beta=float(beta), exp_times=int(exp_times), radius=float(radius),

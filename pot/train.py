@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import (BadInputError, POTConfig, seed_everything, resolve_device, save_json, load_json,
+from .core import (BadInputError, POTConfig, seed_everything, resolve_device, keep_freed_memory, save_json, load_json,
                       append_jsonl, read_jsonl, atomic_write, save_checkpoint, load_checkpoint, env_info, check_finite)
 from .model import POTNet, param_groups, calibrate_bn, resize
 from .cluster import normalize_with_background
@@ -221,6 +221,7 @@ def fit(out, cfg, build: Callable, step_losses: Callable, *, desc: str = "train"
     batch on the device; its `loss` is minimised, every entry is logged (averaged over ranks).
     Writes `out/config.json` (`cfg`, `meta`, environment), `out/metrics.jsonl`, `out/ckpt/{last,final}.pt`."""
     device = resolve_device(cfg.device)
+    keep_freed_memory()
     rank, world, device, created_group = init_distributed(device)
     out = Path(out); ckpt_dir = out / "ckpt"
     final, last = ckpt_dir / "final.pt", ckpt_dir / "last.pt"
