@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import pot.clip_es as ce
+from pot.core import keep_freed_memory
 from pot.data import VOC_CLASSES
 
 
@@ -179,10 +180,11 @@ def main():
     p.add_argument("--json", default=None, help="write the numbers to this JSON file")
     args = p.parse_args()
     if args.threads: torch.set_num_threads(args.threads)
+    kept = keep_freed_memory()       # as the cache generation (`pot-clip-cams`) does; POT_MALLOC=default to compare
     dev = torch.device(args.device)
     model = ce.load_clip(None, dev)
     info = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
-                amp=args.amp, torch=torch.__version__, loadavg=os.getloadavg())
+                amp=args.amp, torch=torch.__version__, malloc="keeps freed memory" if kept else "default", loadavg=os.getloadavg())
     print(f"# pot.clip_es benchmark: {info}")
     res = dict(info=info)
     skip = set(args.skip.split(","))
