@@ -151,7 +151,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 # %% ../nbs/00_core.ipynb #08722804
-_MALLOPT = {}   # the settings keep_freed_memory applied (empty until it ran)
+_MALLOPT = {}   # {"applied": bool} once keep_freed_memory has run
 
 
 def keep_freed_memory() -> bool:
