@@ -94,7 +94,7 @@ def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, 
     "Write multi-scale CAMs (cls, pot, pot_k1, final) of every image of `split` into `run_dir/cams/`; resumable."
     from pot.train import load_trained
     model, cfg = load_trained(run_dir)
-    model.to(resolve_device(device), memory_format=torch.channels_last).eval()   # see 'Speed' above
+    model.to(resolve_device(device), memory_format=torch.channels_last).eval()   # NHWC: see 'Speed' in 11_cams
     keep_freed_memory()
     split = split or cfg.eval_split
     ds = load_dataset(cfg.dataset, data_root or cfg.data_root, split)

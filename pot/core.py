@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -151,21 +152,16 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 # %% ../nbs/00_core.ipynb #08722804
-_MALLOPT = {}   # {"applied": bool} once keep_freed_memory has run
-
-
+@functools.cache
 def keep_freed_memory() -> bool:
-    "On glibc, make `malloc` keep freed blocks for reuse (no `mmap`, trim above 2 GiB); True when it is (now) in effect."
-    if _MALLOPT: return _MALLOPT["applied"]
-    applied = False
-    if (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    "On glibc, make `malloc` keep freed blocks for reuse (no `mmap`, trim above 2 GiB) once per process; True when it is in effect."
+    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
             and os.environ.get("POT_MALLOC", "") != "default" and "MALLOC_MMAP_MAX_" not in os.environ):
-        try: libc = ctypes.CDLL("libc.so.6")
-        except OSError: libc = None
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4          # mallopt parameter numbers of <malloc.h>
-        applied = libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-    _MALLOPT["applied"] = applied
-    return applied
+        return False
+    try: libc = ctypes.CDLL("libc.so.6")
+    except OSError: return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4          # mallopt parameter numbers of <malloc.h>
+    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
 
 # %% ../nbs/00_core.ipynb #a24bf893
 @contextlib.contextmanager
