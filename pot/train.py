@@ -309,7 +309,8 @@ def train(cfg: POTConfig, resume: bool = True) -> Path:
     def build(start, device):
         ds, tds = _build_data(cfg)
         model = POTNet(cfg.backbone, ds.num_classes, cfg.feature_stride, cfg.pretrained,
-                       detach_side=cfg.detach_side, freeze_stem_bn=cfg.freeze_stem_bn).to(device)
+                       detach_side=cfg.detach_side, freeze_stem_bn=cfg.freeze_stem_bn)
+        model.to(device, memory_format=torch.channels_last)   # NHWC: see 'Cost' in 10_train
         if start is None and cfg.pretrained is None and cfg.freeze_stem_bn:
             tds.set_epoch(0)
             calib = epoch_batches(len(tds), cfg.batch_size, 0, cfg.seed)[:BN_CALIB_BATCHES]
