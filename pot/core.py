@@ -56,7 +56,7 @@ class JSONConfig:
         return cls(**d)
 
 
-PAPER_CAM_SCALES = (1.0, 0.5, 1.5, 2.0)   # METHOD.md §5; the CPU demo drops 2.0 (see the note above)
+PAPER_CAM_SCALES = (1.0, 0.5, 1.5, 2.0)   # METHOD.md §5; the CPU demo drops 2.0 ('The CPU budget' in 00_core)
 
 
 @dataclass
@@ -97,7 +97,7 @@ class POTConfig(JSONConfig):
     ckpt_every: int = 50             # steps between resumable checkpoints (ckpt/last.pt)
     log_every: int = 10              # steps between lines of metrics.jsonl
     num_workers: int = 0
-    cam_scales: tuple = (1.0, 0.5, 1.5)    # the voc/coco presets: METHOD.md's (1.0, 0.5, 1.5, 2.0)
+    cam_scales: tuple = (1.0, 0.5, 1.5)    # the voc/coco presets: PAPER_CAM_SCALES
     pot_scales: tuple = (1.0,)       # the scales of cam_scales at which POT refines at inference (11_cams)
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda

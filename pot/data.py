@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .core import BadInputError, atomic_write, check_finite, load_npz, save_npz
+from .core import PAPER_CAM_SCALES, BadInputError, atomic_write, check_finite, load_npz, save_npz
 from .viz import read_label_png
 
 # %% auto #0
@@ -404,7 +404,7 @@ class TrainDataset(torch.utils.data.Dataset):
 # %% ../nbs/01_data.ipynb #4115fc55
 class InferDataset(torch.utils.data.Dataset):
     "Multi-scale + flipped, normalised copies of each image of a `VOCLayout`, for CAM inference."
-    def __init__(self, ds: VOCLayout, scales: Sequence[float] = (1.0, 0.5, 1.5, 2.0)):
+    def __init__(self, ds: VOCLayout, scales: Sequence[float] = PAPER_CAM_SCALES):
         if not scales or any(s <= 0 for s in scales): raise BadInputError(f"scales={scales}; expected positive numbers")
         self.ds, self.scales = ds, tuple(float(s) for s in scales)
 
