@@ -283,29 +283,32 @@ def interpolate_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Ten
     return torch.cat([pos[:1], p.permute(0, 2, 3, 1).reshape(-1, pos.shape[1])])
 
 # %% ../nbs/12_clip_es.ipynb #893bdec6
-def _attend(mha, qkv: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    "Multi-head attention of `mha` from its input projection qkv (B, L, 3D); with `need_weights` also the head-averaged attention (B, L, L)."
+def _heads(mha, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "Queries, keys and values (B, h, L, D/h) of `mha` from its input projection qkv (B, L, 3D)."
     B, L, D3 = qkv.shape
-    D, h = D3 // 3, mha.num_heads
-    q, k, v = qkv.view(B, L, 3, h, D // h).permute(2, 0, 3, 1, 4).unbind(0)
-    if need_weights:
-        w = torch.softmax((q * (D // h) ** -0.5) @ k.transpose(-2, -1), dim=-1)
-        o, w = w @ v, w.mean(1)
-    else:
-        o, w = F.scaled_dot_product_attention(q, k, v), None
-    return mha.out_proj(o.transpose(1, 2).reshape(B, L, D)), w
+    return qkv.view(B, L, 3, mha.num_heads, D3 // (3 * mha.num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _attention(block, a: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    "Self-attention of an open_clip block on its `ln_1` output a (B, L, D); with `need_weights` also the head-averaged attention (B, L, L)."
-    return _attend(block.attn, F.linear(a, block.attn.in_proj_weight, block.attn.in_proj_bias), need_weights)
+def _attend(mha, qkv: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    "Head outputs o (B, h, L, D/h) of `mha` from qkv (B, L, 3D); with `need_weights` also the attention P (B, h, L, L) of every head."
+    q, k, v = _heads(mha, qkv)
+    if not need_weights: return F.scaled_dot_product_attention(q, k, v), None
+    P = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
+    return P @ v, P
+
+
+def _block_tail(block, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+    "The rest of an open_clip block after the attention core: output projection of the head outputs o (B, h, L, D/h), residual, MLP."
+    B, h, L, d = o.shape
+    x = x + block.ls_1(block.attn.out_proj(o.transpose(1, 2).reshape(B, L, h * d)))
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 def _block(block, x: torch.Tensor, need_weights: bool = False, qkv: torch.Tensor | None = None):
-    "One residual attention block of open_clip; `qkv` overrides the input projection of `ln_1(x)` (the GradCAM leaf)."
-    o, w = _attention(block, block.ln_1(x), need_weights) if qkv is None else _attend(block.attn, qkv, need_weights)
-    x = x + block.ls_1(o)
-    return x + block.ls_2(block.mlp(block.ln_2(x))), w
+    "One residual attention block of open_clip and, with `need_weights`, its head-averaged attention (B, L, L); `qkv` overrides the input projection of `ln_1(x)`."
+    if qkv is None: qkv = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
+    o, P = _attend(block.attn, qkv, need_weights)
+    return _block_tail(block, x, o), None if P is None else P.mean(1)
 
 
 @torch.no_grad()
@@ -342,6 +345,19 @@ def _timed(timer: dict | None, name: str, device: torch.device):
         timer[name] = timer.get(name, 0.0) + time.perf_counter() - t
 
 
+def _patch_sum_qkv_grad(q, k, v, P, o, dO) -> torch.Tensor:
+    "Σ over patch tokens 1..L-1 of the gradients of q, k, v (B, h, L, d) for cotangents dO (n, B, h, L, d) of o = P v, P = softmax(q kᵀ/√d): (n, B, 3hd)."
+    q, k, v, P, o, dO = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (q, k, v, P, o, dO))
+    scale = q.shape[-1] ** -0.5
+    delta = (dO * o).sum(-1)                                                    # δ_s = dO_s·o_s  (n, B, h, L)
+    p0 = P[..., 0]                                                              # each query's attention to the class token
+    dv = torch.einsum("bhs,nbhsd->nbhd", 1 - p0, dO)
+    dk = scale * torch.einsum("nbhs,bhsd->nbhd", p0 * (delta - (dO * v[:, :, :1]).sum(-1)), q)
+    Y = torch.einsum("bhst,nbhse->nbhte", P[:, :, 1:], torch.cat([dO, delta[..., None]], -1)[..., 1:, :])   # the one L x L product
+    dq = scale * torch.einsum("nbht,bhtd->nbhd", (v * Y[..., :-1]).sum(-1) - Y[..., -1], k)
+    return torch.stack([dq, dk, dv], 2).flatten(2)
+
+
 def last_block_gradcam(model, x: torch.Tensor, text: torch.Tensor, valid: torch.Tensor, n_max: int,
                        batched: bool = True, timer: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     "GradCAM (B, n_max, N) at the last block's ln_1 output for the softmax scores of text rows 0..n_max-1, and the last block's patch attention (B, N, N)."
@@ -354,29 +370,34 @@ def last_block_gradcam(model, x: torch.Tensor, text: torch.Tensor, valid: torch.
         a = blk.ln_1(x)
         qkv0 = F.linear(a, W, blk.attn.in_proj_bias)
 
-    def probs(qkv):
-        out, w = _block(blk, x, need_weights=True, qkv=qkv)
+    def scores(out):
         e = F.normalize((visual.ln_post(out)[:, 1:].mean(1) @ visual.proj).float(), dim=-1)
         logits = (scale * torch.einsum("be,bte->bt", e, text)).masked_fill(~valid, float("-inf"))
-        return logits.softmax(-1), w
+        return logits.softmax(-1)
 
-    with torch.enable_grad():
-        if batched:
-            qkv = qkv0.detach().requires_grad_(True)
-            with _timed(timer, "last_block", dev): p, w = probs(qkv)
-            with _timed(timer, "backward", dev):
-                go = torch.zeros((n_max,) + tuple(p.shape), device=dev, dtype=p.dtype)
-                go[torch.arange(n_max), :, torch.arange(n_max)] = 1
-                g = torch.autograd.grad(p, qkv, go, is_grads_batched=True)[0].transpose(0, 1)   # (B, n_max, L, 3D)
-        else:
-            gs = []
-            for k in range(n_max):
+    if batched:
+        with _timed(timer, "last_block", dev):
+            with torch.no_grad(): o, P = _attend(blk.attn, qkv0, need_weights=True)
+            o_leaf = o.detach().requires_grad_(True)
+            with torch.enable_grad(): p = scores(_block_tail(blk, x, o_leaf))
+        with _timed(timer, "backward", dev):
+            go = torch.zeros((n_max,) + tuple(p.shape), device=dev, dtype=p.dtype)
+            go[torch.arange(n_max), :, torch.arange(n_max)] = 1
+            dO = torch.autograd.grad(p, o_leaf, go, is_grads_batched=True)[0]            # (n_max, B, h, L, d)
+            gsum = _patch_sum_qkv_grad(*_heads(blk.attn, qkv0), P, o, dO).transpose(0, 1)   # (B, n_max, 3D)
+        w = P.mean(1)
+    else:
+        gs = []
+        for k in range(n_max):
+            with torch.enable_grad():
                 qkv = qkv0.detach().requires_grad_(True)
-                with _timed(timer, "last_block", dev): p, w = probs(qkv)
+                with _timed(timer, "last_block", dev):
+                    out, w = _block(blk, x, need_weights=True, qkv=qkv)
+                    p = scores(out)
                 with _timed(timer, "backward", dev): gs.append(torch.autograd.grad(p[:, k].sum(), qkv)[0])
-            g = torch.stack(gs, 1)
+        gsum = torch.stack(gs, 1)[:, :, 1:].sum(2)
     with _timed(timer, "refine", dev):
-        weights = g[:, :, 1:].float().mean(2) @ W.float()                           # (B, n_max, D): mean over patches of dp/da
+        weights = gsum.float() / (x.shape[1] - 1) @ W.float()                      # (B, n_max, D): mean over patches of dp/da
         cam = torch.relu(torch.einsum("bkd,bnd->bkn", weights, a[:, 1:].float()))
     return cam, w[:, 1:, 1:].detach().float()
 
