@@ -1,6 +1,7 @@
 """Benchmark of the POT head (METHOD.md §3, steps 1-3): batched `pot.activation.pot_cams` against a straightforward
 per-image, per-class loop of the same mathematics, side by side in one run; the head's time as a fraction of a
-ResNet-50 forward+backward on the same device; the head's peak memory.
+ResNet-50 forward+backward on the same device; the head's peak memory. Each is timed for the features laid out
+channels-last (what `pot.train` feeds the head: the network runs channels-last) and channel by channel (NCHW).
 
     python bench/pot_head.py                      # CPU: batch 16, 3 classes + background, K=3, D=768, 32x32 grid
     python bench/pot_head.py --device cuda        # the same on a GPU
@@ -202,6 +203,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--resnet-size", type=int, default=256); p.add_argument("--resnet-reps", type=int, default=2)
     p.add_argument("--no-resnet", action="store_true"); p.add_argument("--no-loop", action="store_true")
+    p.add_argument("--layouts", default="channels-last,nchw",
+                   help="memory layouts of the features to time, comma-separated: channels-last (what pot.train's network "
+                        "produces) and/or nchw")
     p.add_argument("--_memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available(): sys.exit("--device cuda but no CUDA GPU is visible")
@@ -214,28 +218,33 @@ def main(argv=None):
           f"batch {args.batch}, {args.classes} classes ({args.present} present) + bg, K={args.K}, D={args.D}, "
           f"grid {args.grid}x{args.grid}, malloc {'keeps freed memory' if kept else 'default'}, load {os.getloadavg()[0]:.1f}")
     res = {}
-    with torch.no_grad():
-        res["a_forward"] = timed(lambda: pot_cams(F, S, labels, K=args.K), device, args.reps)
-        out = pot_cams(F, S, labels, K=args.K)
+    for layout in args.layouts.split(","):
+        Fl = F.contiguous(memory_format=torch.channels_last) if layout == "channels-last" else F.contiguous()
+        r = res[layout] = {}
+        with torch.no_grad():
+            r["a_forward"] = timed(lambda: pot_cams(Fl, S, labels, K=args.K), device, args.reps)
+            out = pot_cams(Fl, S, labels, K=args.K)
+            if not args.no_loop:
+                u = kmeans_uniforms((args.batch, args.classes + 1, args.K))
+                r["b_loop_forward"] = timed(lambda: loop_pot_cams(Fl, S, labels, K=args.K, u=u), device, args.loop_reps)
+                diff = float((loop_pot_cams(Fl, S, labels, K=args.K, u=u) - out.cam).abs().max())
+        Fg = Fl.clone().requires_grad_(True)
+        r["a_forward_backward"] = timed(lambda: pot_cams(Fg, S, labels, K=args.K).cam.sum().backward(), device, args.reps)
+        print(f"features {layout}:")
+        print(f"(a) pot_cams, batched      forward {r['a_forward'][0]:8.1f} ms/batch wall ({r['a_forward'][1]:.1f} ms CPU)"
+              f"   forward+backward {r['a_forward_backward'][0]:8.1f} ms ({r['a_forward_backward'][1]:.1f} ms CPU)")
+        print(f"    k-means iterations {out.n_iter_kmeans}, Sinkhorn iterations {out.n_iter_sinkhorn}, n_empty {int(out.n_empty)}")
         if not args.no_loop:
-            u = kmeans_uniforms((args.batch, args.classes + 1, args.K))
-            res["b_loop_forward"] = timed(lambda: loop_pot_cams(F, S, labels, K=args.K, u=u), device, args.loop_reps)
-            diff = float((loop_pot_cams(F, S, labels, K=args.K, u=u) - out.cam).abs().max())
-    Fg = F.clone().requires_grad_(True)
-    res["a_forward_backward"] = timed(lambda: pot_cams(Fg, S, labels, K=args.K).cam.sum().backward(), device, args.reps)
-    print(f"(a) pot_cams, batched      forward {res['a_forward'][0]:8.1f} ms/batch wall ({res['a_forward'][1]:.1f} ms CPU)"
-          f"   forward+backward {res['a_forward_backward'][0]:8.1f} ms ({res['a_forward_backward'][1]:.1f} ms CPU)")
-    print(f"    k-means iterations {out.n_iter_kmeans}, Sinkhorn iterations {out.n_iter_sinkhorn}, n_empty {int(out.n_empty)}")
-    if not args.no_loop:
-        b = res["b_loop_forward"]
-        print(f"(b) per-image/class loop   forward {b[0]:8.1f} ms/batch wall ({b[1]:.1f} ms CPU)")
-        print(f"    ratio (b)/(a): {b[0] / res['a_forward'][0]:.1f}x wall, {b[1] / res['a_forward'][1]:.1f}x CPU;"
-              f" max |CAM(a) - CAM(b)| = {diff:.2e}")
+            b = r["b_loop_forward"]
+            print(f"(b) per-image/class loop   forward {b[0]:8.1f} ms/batch wall ({b[1]:.1f} ms CPU)")
+            print(f"    ratio (b)/(a): {b[0] / r['a_forward'][0]:.1f}x wall, {b[1] / r['a_forward'][1]:.1f}x CPU;"
+                  f" max |CAM(a) - CAM(b)| = {diff:.2e}")
     if not args.no_resnet:
         rn = resnet_step_ms(device, args.batch, args.resnet_size, args.resnet_reps)
         print(f"ResNet-50 forward+backward, batch {args.batch} at {args.resnet_size}x{args.resnet_size}: {rn[0]:.0f} ms wall ({rn[1]:.0f} ms CPU)")
-        print(f"    head / ResNet-50 step: forward {100 * res['a_forward'][0] / rn[0]:.1f} % wall ({100 * res['a_forward'][1] / rn[1]:.1f} % CPU),"
-              f" forward+backward {100 * res['a_forward_backward'][0] / rn[0]:.1f} % wall ({100 * res['a_forward_backward'][1] / rn[1]:.1f} % CPU)")
+        for layout, r in res.items():
+            print(f"    head ({layout}) / ResNet-50 step: forward {100 * r['a_forward'][0] / rn[0]:.1f} % wall ({100 * r['a_forward'][1] / rn[1]:.1f} % CPU),"
+                  f" forward+backward {100 * r['a_forward_backward'][0] / rn[0]:.1f} % wall ({100 * r['a_forward_backward'][1] / rn[1]:.1f} % CPU)")
     child = [sys.executable, __file__, "--_memory", "--device", args.device, "--batch", str(args.batch), "--classes",
              str(args.classes), "--present", str(args.present), "--K", str(args.K), "--D", str(args.D), "--grid",
              str(args.grid), "--threads", str(args.threads), "--noise", str(args.noise)]

@@ -74,12 +74,18 @@ class KMeansResult:
     converged: torch.Tensor  # (N, G) bool: stopped before max_iter
 
 
-def _gather_points(X, n_, m_):
-    "Rows X[n_, :, m_] (E, D), gathered along the contiguous pixel axis of each image (cache-friendly for X (N, D, M))."
+def _pixel_major(X: torch.Tensor) -> bool:
+    "X (N, D, M) is laid out point by point (a view of a contiguous (N, M, D) tensor, as channels-last feature maps flatten)."
+    return X.transpose(1, 2).is_contiguous()
+
+
+def _take(X, n_, m_):
+    "Points X[n_, :, m_] as rows (E, D), n_ sorted: one row copy each if X is pixel-major, else gathered along each image's pixel axis."
     N, D, M = X.shape
+    if _pixel_major(X): return X.transpose(1, 2).reshape(N * M, D).index_select(0, n_ * M + m_)
     if len(n_) == 0: return X.new_zeros(0, D)
     cnt = torch.bincount(n_, minlength=N)
-    pos = torch.arange(len(n_), device=X.device) - (cnt.cumsum(0) - cnt)[n_]          # n_ is sorted
+    pos = torch.arange(len(n_), device=X.device) - (cnt.cumsum(0) - cnt)[n_]
     pix = torch.zeros(N, int(cnt.max()), dtype=torch.long, device=X.device)
     pix[n_, pos] = m_
     return torch.gather(X, 2, pix[:, None].expand(N, D, pix.shape[1])).transpose(1, 2)[n_, pos]
@@ -110,6 +116,17 @@ def _problem_sims(X, mu, which, out, sparse=True):
     musel = torch.gather(mu[imgs], 1, order[..., None, None].expand(n, R, K, D)) * keep[..., None, None]
     s = torch.bmm(musel.view(n, R * K, D), X if n == N else X[imgs]).view(n, R, K * M)
     out.view(N * G, K * M).index_copy_(0, (imgs[:, None] * G + order)[keep], s[keep])
+    return out
+
+
+def _pixel_sims(X, mu, pix, out):
+    "Refresh <f_p, mu> in `out` (N, G, K, M) at the pixels `pix` (N, M) for every problem of their image: one bmm over the gathered points."
+    N, G, K, D = mu.shape
+    L = int(pix.sum(1).max())
+    if L == 0: return out
+    idx = torch.sort((~pix).to(torch.uint8), dim=1, stable=True).indices[:, :L]      # the pixels first; padding = other pixels
+    x = _take(X, torch.arange(N, device=X.device).repeat_interleave(L), idx.reshape(-1)).view(N, L, D)
+    out.view(N, G * K, -1).scatter_(2, idx[:, None].expand(N, G * K, L), torch.bmm(mu.reshape(N, G * K, D), x.transpose(1, 2)))
     return out
 
 
@@ -210,8 +227,8 @@ def spherical_kmeans(X: torch.Tensor, omega: torch.Tensor, K: int = 3, generator
     L = int(n[small].max())
     idx = torch.sort((~oms).to(torch.uint8), dim=-1, stable=True).indices[..., :L]             # (N, Gs, L) members first
     keep = torch.arange(L, device=X.device) < oms.sum(-1, keepdim=True)
-    Xs = torch.gather(X, 2, idx.reshape(N, 1, Gs * L).expand(N, D, Gs * L)).view(N, D, Gs, L).transpose(1, 2)
-    rs = _kmeans_dense(Xs.reshape(N * Gs, D, L), keep.view(N * Gs, 1, L), u.gather(1, os_[..., None].expand(N, Gs, K)).view(N * Gs, 1, K),
+    Xs = _take(X, torch.arange(N, device=X.device).repeat_interleave(Gs * L), idx.reshape(-1)).view(N * Gs, L, D).transpose(1, 2)
+    rs = _kmeans_dense(Xs, keep.view(N * Gs, 1, L), u.gather(1, os_[..., None].expand(N, Gs, K)).view(N * Gs, 1, K),
                        max_iter, tol, dup_tol, with_sims=False)
     sn, ss = ks.nonzero(as_tuple=True); sg = os_[sn, ss]; si = sn * Gs + ss                      # small problem (sn, sg) = row si
     # the other problems: packed to as many slots per image as the image with most of them needs, masked over all M
@@ -220,19 +237,22 @@ def spherical_kmeans(X: torch.Tensor, omega: torch.Tensor, K: int = 3, generator
     ob = torch.sort((~big).to(torch.uint8), dim=1, stable=True).indices[:, :Gb]
     kb = torch.arange(Gb, device=X.device)[None] < nb[:, None]
     r = _kmeans_dense(X, omega.gather(1, ob[..., None].expand(N, Gb, M)) & kb[..., None], u.gather(1, ob[..., None].expand(N, Gb, K)),
-                      max_iter, tol, dup_tol)
+                      max_iter, tol, dup_tol, with_sims=False)
     mu, sums, sims = X.new_zeros(N, G, K, D), X.new_zeros(N, G, K, D), X.new_zeros(N, G, K, M)
     counts, valid = torch.zeros(N, G, K, dtype=torch.long, device=X.device), torch.zeros(N, G, K, dtype=torch.bool, device=X.device)
     assign, conv = torch.full((N, G, M), -1, dtype=torch.long, device=X.device), torch.ones(N, G, dtype=torch.bool, device=X.device)
     bn, bs = kb.nonzero(as_tuple=True); gb = ob[bn, bs]                      # big problem (bn, gb) sits in slot bs
     mu[bn, gb], sums[bn, gb], counts[bn, gb], valid[bn, gb] = r.mu[bn, bs], r.sums[bn, bs], r.counts[bn, bs], r.valid[bn, bs]
-    assign[bn, gb], sims[bn, gb], conv[bn, gb] = r.assign[bn, bs], r.sims[bn, bs], r.converged[bn, bs]
+    assign[bn, gb], conv[bn, gb] = r.assign[bn, bs], r.converged[bn, bs]
     mu[sn, sg], sums[sn, sg], counts[sn, sg], valid[sn, sg] = rs.mu[si, 0], rs.sums[si, 0], rs.counts[si, 0], rs.valid[si, 0]
     sub = torch.full((len(si), M + 1), -1, dtype=torch.long, device=X.device)     # column M collects the padding
     assign[sn, sg] = sub.scatter(1, torch.where(keep[sn, ss], idx[sn, ss], M), rs.assign[si, 0])[:, :M]
-    sims = _problem_sims(X, mu, small, sims) * valid[..., None]             # the big problems' sims are fresh already
+    sims = _problem_sims(X, mu, n > 0, sims) * valid[..., None]             # every problem's final sims: one pass
     conv[sn, sg] = rs.converged[si, 0]
     return KMeansResult(mu, sums, counts, valid, assign, sims, max(r.n_iter, rs.n_iter), conv)
+
+
+_NORM_SLACK = 1.01    # the bounds below hold for points of norm <= 1.01 (pot_cams checks unit features to 1e-2)
 
 
 def _kmeans_dense(X, omega, u, max_iter, tol, dup_tol, with_sims=True, sparse=True) -> KMeansResult:
@@ -242,29 +262,50 @@ def _kmeans_dense(X, omega, u, max_iter, tol, dup_tol, with_sims=True, sparse=Tr
     assign = torch.full((N, G, M), -1, dtype=torch.long, device=X.device)
     sims, sums = X.new_zeros(N, G, K, M), X.new_zeros(N, G, K, D)
     counts = torch.zeros(N, G, K, dtype=torch.long, device=X.device)
+    lo, hi = X.new_full((N, G, M), -3.0), X.new_full((N, G, M), 3.0)   # <f, own centroid> >= lo, <f, any other> <= hi
     active = omega.any(-1)                       # problems still iterating
     stale = torch.zeros_like(active)             # problems whose `sims` predate their centroids
+    prune = sparse and _pixel_major(X)           # bounds pay off only where gathering points is cheap
     n_iter = 0
     for it in range(max_iter):
         if not bool(active.any()): break
         n_iter = it + 1
-        sims = _problem_sims(X, mu, active, sims, sparse)
-        stale &= ~active
-        best, new = sims.masked_fill(~valid[..., None], -3.0).max(2)
-        new = torch.where(omega & active[..., None], new, assign)
-        onehot = (new[:, :, None, :] == torch.arange(K, device=X.device)[:, None]) & omega[:, :, None, :]
-        cnt = onehot.sum(-1)
-        if bool((valid & (cnt == 0) & active[..., None]).any()):
-            new = _reseed_empty(new, best, omega, valid & active[..., None], cnt, dup_tol)
+        run, partial = omega & active[..., None], False
+        if prune and it > 0:
+            need = run & (lo <= hi + 1e-6)       # members whose assignment the bounds cannot vouch for
+            pix = need.any(1)
+            partial = 2 * int(pix.sum(1).max()) <= M
+        while True:
+            if partial:                          # refresh the uncertain members only; the others keep their cluster
+                sims, upd = _pixel_sims(X, mu, pix, sims), need
+                stale |= active
+            else:
+                sims, upd = _problem_sims(X, mu, active, sims, sparse), run
+                stale &= ~active
+            masked = sims.masked_fill(~valid[..., None], -3.0)
+            best, new = masked.max(2)
+            new = torch.where(upd, new, assign)
+            onehot = (new[:, :, None, :] == torch.arange(K, device=X.device)[:, None]) & omega[:, :, None, :]
+            cnt = onehot.sum(-1)
+            has_empty = bool((valid & (cnt == 0) & active[..., None]).any())
+            if not (partial and has_empty): break
+            partial = False                      # re-seeding needs every member's exact similarity
+        if prune:
+            second = masked.scatter(2, new.clamp_min(0)[:, :, None], -3.0).amax(2)
+            lo, hi = torch.where(upd, best, lo), torch.where(upd, second, hi)
+        if has_empty:
+            seeded = _reseed_empty(new, best, omega, valid & active[..., None], cnt, dup_tol)
+            lo = torch.where(seeded != new, -3.0, lo)                       # moved by re-seeding: re-check next time
+            new = seeded
         moved = new != assign
         n_moved = int(moved.sum()) if sparse else N * M
-        if it == 0 or 64 * n_moved > N * M:      # many moves: recompute the sums of the running problems
+        if it == 0 or (4 if prune else 64) * n_moved > N * M:     # many moves: recompute the sums of the running problems
             s_new, c_new = _cluster_sums(X, new, omega, K, active, sparse)
             sums = torch.where(active[..., None, None], s_new, sums)
             counts = torch.where(active[..., None], c_new, counts)
         elif n_moved:                            # few moves: add/subtract only the moved points
             n_, g_, m_ = moved.nonzero(as_tuple=True)
-            x, base, old = _gather_points(X, n_, m_), (n_ * G + g_) * K, assign[n_, g_, m_]
+            x, base, old = _take(X, n_, m_), (n_ * G + g_) * K, assign[n_, g_, m_]
             sums.view(-1, D).index_add_(0, base + new[n_, g_, m_], x)
             counts.view(-1).index_add_(0, base + new[n_, g_, m_], torch.ones_like(base))
             o = old >= 0
@@ -273,6 +314,9 @@ def _kmeans_dense(X, omega, u, max_iter, tol, dup_tol, with_sims=True, sparse=Tr
         valid = torch.where(active[..., None], valid & (counts > 0), valid)
         mu_new = Fn.normalize(sums, dim=-1) * valid[..., None]
         shift = (1 - (mu_new * mu).sum(-1)).masked_fill(~valid, 0).amax(-1)
+        if prune:                                # a centroid that moves by d changes any <f, mu> by at most |f| d
+            d = torch.where(active[..., None] & valid, (mu_new - mu).norm(dim=-1), 0.0) * _NORM_SLACK
+            lo, hi = lo - d.gather(2, new.clamp_min(0)), hi + d.amax(2, keepdim=True)
         stale |= active & (mu_new != mu).any(-1).any(-1)
         mu = torch.where(active[..., None, None], mu_new, mu)
         assign = new
