@@ -79,8 +79,17 @@ def _pixel_major(X: torch.Tensor) -> bool:
     return X.transpose(1, 2).is_contiguous()
 
 
+def _take_rows(X, idx):
+    "Points X[n, :, idx[n, l]] as rows (N, L, D) for an index (N, L): one row copy each if X is pixel-major, else a gather along the pixel axis."
+    N, D, M = X.shape
+    if _pixel_major(X):
+        flat = (idx + M * torch.arange(N, device=X.device)[:, None]).reshape(-1)
+        return X.transpose(1, 2).reshape(N * M, D).index_select(0, flat).view(*idx.shape, D)
+    return torch.gather(X, 2, idx[:, None].expand(N, D, idx.shape[1])).transpose(1, 2)
+
+
 def _take(X, n_, m_):
-    "Points X[n_, :, m_] as rows (E, D), n_ sorted: one row copy each if X is pixel-major, else gathered along each image's pixel axis."
+    "Points X[n_, :, m_] as rows (E, D) for sparse indices, n_ sorted (see `_take_rows`)."
     N, D, M = X.shape
     if _pixel_major(X): return X.transpose(1, 2).reshape(N * M, D).index_select(0, n_ * M + m_)
     if len(n_) == 0: return X.new_zeros(0, D)
@@ -88,7 +97,7 @@ def _take(X, n_, m_):
     pos = torch.arange(len(n_), device=X.device) - (cnt.cumsum(0) - cnt)[n_]
     pix = torch.zeros(N, int(cnt.max()), dtype=torch.long, device=X.device)
     pix[n_, pos] = m_
-    return torch.gather(X, 2, pix[:, None].expand(N, D, pix.shape[1])).transpose(1, 2)[n_, pos]
+    return _take_rows(X, pix)[n_, pos]
 
 
 def _select(which, sparse=True):
@@ -125,7 +134,7 @@ def _pixel_sims(X, mu, pix, out):
     L = int(pix.sum(1).max())
     if L == 0: return out
     idx = torch.sort((~pix).to(torch.uint8), dim=1, stable=True).indices[:, :L]      # the pixels first; padding = other pixels
-    x = _take(X, torch.arange(N, device=X.device).repeat_interleave(L), idx.reshape(-1)).view(N, L, D)
+    x = _take_rows(X, idx)
     out.view(N, G * K, -1).scatter_(2, idx[:, None].expand(N, G * K, L), torch.bmm(mu.reshape(N, G * K, D), x.transpose(1, 2)))
     return out
 
@@ -227,7 +236,7 @@ def spherical_kmeans(X: torch.Tensor, omega: torch.Tensor, K: int = 3, generator
     L = int(n[small].max())
     idx = torch.sort((~oms).to(torch.uint8), dim=-1, stable=True).indices[..., :L]             # (N, Gs, L) members first
     keep = torch.arange(L, device=X.device) < oms.sum(-1, keepdim=True)
-    Xs = _take(X, torch.arange(N, device=X.device).repeat_interleave(Gs * L), idx.reshape(-1)).view(N * Gs, L, D).transpose(1, 2)
+    Xs = _take_rows(X, idx.reshape(N, Gs * L)).reshape(N * Gs, L, D).transpose(1, 2)            # pixel-major copy
     rs = _kmeans_dense(Xs, keep.view(N * Gs, 1, L), u.gather(1, os_[..., None].expand(N, Gs, K)).view(N * Gs, 1, K),
                        max_iter, tol, dup_tol, with_sims=False)
     sn, ss = ks.nonzero(as_tuple=True); sg = os_[sn, ss]; si = sn * Gs + ss                      # small problem (sn, sg) = row si
@@ -262,10 +271,10 @@ def _kmeans_dense(X, omega, u, max_iter, tol, dup_tol, with_sims=True, sparse=Tr
     assign = torch.full((N, G, M), -1, dtype=torch.long, device=X.device)
     sims, sums = X.new_zeros(N, G, K, M), X.new_zeros(N, G, K, D)
     counts = torch.zeros(N, G, K, dtype=torch.long, device=X.device)
-    lo, hi = X.new_full((N, G, M), -3.0), X.new_full((N, G, M), 3.0)   # <f, own centroid> >= lo, <f, any other> <= hi
     active = omega.any(-1)                       # problems still iterating
     stale = torch.zeros_like(active)             # problems whose `sims` predate their centroids
     prune = sparse and _pixel_major(X)           # bounds pay off only where gathering points is cheap
+    if prune: lo, hi = X.new_full((N, G, M), -3.0), X.new_full((N, G, M), 3.0)   # <f, own centroid> >= lo, <f, any other> <= hi
     n_iter = 0
     for it in range(max_iter):
         if not bool(active.any()): break
@@ -295,7 +304,7 @@ def _kmeans_dense(X, omega, u, max_iter, tol, dup_tol, with_sims=True, sparse=Tr
             lo, hi = torch.where(upd, best, lo), torch.where(upd, second, hi)
         if has_empty:
             seeded = _reseed_empty(new, best, omega, valid & active[..., None], cnt, dup_tol)
-            lo = torch.where(seeded != new, -3.0, lo)                       # moved by re-seeding: re-check next time
+            if prune: lo = torch.where(seeded != new, -3.0, lo)             # moved by re-seeding: re-check next time
             new = seeded
         moved = new != assign
         n_moved = int(moved.sum()) if sparse else N * M
