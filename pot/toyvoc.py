@@ -338,7 +338,7 @@ def _shape_at_random(rng, img, parts, s):
 
 def toyvoc_image(rng: np.random.Generator, size: int = 160, max_occlusion: float = 0.4, classes_per_image=(1, 3),
                  max_instances: int = 4, p_second: float = 0.35, scale=(0.65, 1.0), n_distractors=(2, 6),
-                 p_front: float = 0.25, p_decoy: float = 0.25, noise: float = 4.0, border: int = 1,
+                 p_front: float = 0.25, p_decoy: float = 0.0, noise: float = 4.0, border: int = 1,
                  min_pixels: int = 30) -> dict:
     "One ToyVOC image: dict(image uint8 (H,W,3), mask uint8 (H,W), parts uint8 (H,W), objects list of dicts)."
     C, keep = len(TOYVOC_CLASSES), 1 - max_occlusion
@@ -441,7 +441,7 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
 # %% ../nbs/02_toyvoc.ipynb #a3284a15
 def generate_toyvoc(out="data/toyvoc", n_train: int = 600, n_val: int = 150, size: int = 160, seed: int = 0,
                     max_occlusion: float = 0.4, classes_per_image=(1, 3), max_instances: int = 4, p_second: float = 0.35,
-                    scale=(0.65, 1.0), n_distractors=(2, 6), p_front: float = 0.25, p_decoy: float = 0.25,
+                    scale=(0.65, 1.0), n_distractors=(2, 6), p_front: float = 0.25, p_decoy: float = 0.0,
                     noise: float = 4.0, border: int = 1, jpeg_quality: int = 90, min_pixels: int = 30,
                     progress: bool = True) -> Path:
     "Write a ToyVOC dataset (VOC layout, manifest last, renamed into place) to `out`; returns `out`."
