@@ -87,7 +87,7 @@ def loop_sinkhorn(cost, b, eps, rho, n_iter=100, tol=1e-3):
         be = phi * (logb - torch.logsumexp(al[:, None] - Cs, 0))
         al = loga - torch.logsumexp(be[None] - Cs, 1)
         Tn = torch.exp(al[:, None] + be[None] - Cs)
-        err, T = float((Tn - T).abs().sum()), Tn
+        err, T = float((Tn - T).abs().sum()) * M, Tn       # L1 change of Q = M·T (METHOD.md §3)
         if err < tol: break
     return T
 

@@ -50,7 +50,7 @@ class POTOutput:
     n_iter_sinkhorn: int
 
 # %% ../nbs/07_activation.ipynb #313f0f24
-def _check_pot_inputs(F, S, labels, tau, K, eps, rho, marginal, t, allocation):
+def _check_pot_inputs(F, S, labels, tau, K, eps, rho, marginal, t, allocation, valid=None):
     "Clear errors for malformed inputs of `pot_cams`."
     if F.ndim != 4: raise BadInputError(f"F has shape {tuple(F.shape)}; expected (N, D, h, w) unit features")
     N, D, h, w = F.shape
@@ -68,9 +68,17 @@ def _check_pot_inputs(F, S, labels, tau, K, eps, rho, marginal, t, allocation):
     if not torch.isfinite(F.detach().sum()): check_finite("F", F.detach())
     check_finite("S", S.detach())
     if S.numel() and (S.min() < 0 or S.max() > 1): raise BadInputError(f"S has values in [{float(S.min()):.3g}, {float(S.max()):.3g}]; expected seed maps in [0, 1]")
+    if valid is not None and valid.shape != (N, h, w):
+        raise BadInputError(f"valid has shape {tuple(valid.shape)}; expected {(N, h, w)} = (N, h, w), true on the image's own cells")
     n = F.detach()[:, :, ::7, ::7].float().norm(dim=1)
+    if valid is not None: n = n[_valid_bool(valid)[:, ::7, ::7]]          # crop padding may hold anything
     if n.numel() and (n - 1).abs().max() > 1e-2:
         raise BadInputError(f"F must hold unit feature vectors (L2-normalised over D); sampled norms lie in [{float(n.min()):.3g}, {float(n.max()):.3g}]")
+
+
+def _valid_bool(valid):
+    "A validity mask (bool, or float with 1 = image) as bool."
+    return valid > 0.5 if valid.is_floating_point() else valid.bool()
 
 
 def _scatter_classes(x, order, C1, dim=1):
@@ -83,11 +91,12 @@ def _scatter_classes(x, order, C1, dim=1):
 def pot_cams(F: torch.Tensor, S: torch.Tensor, labels: torch.Tensor, tau: float = 0.7, K: int = 3, eps: float = 0.1,
              rho: float | None = 0.1, marginal: str = "similarity", t: float = 0.1, generator: torch.Generator | None = None,
              allocation: str = "joint", kmeans_iter: int = 30, kmeans_tol: float = 1e-4, sinkhorn_iter: int = 100,
-             sinkhorn_tol: float = 1e-3, pack_classes: bool = True) -> POTOutput:
-    "POT steps 1-3 (METHOD.md §3) for unit features F (N,D,h,w), seed maps S (N,C+1,h,w), labels (N,C)."
-    _check_pot_inputs(F, S, labels, tau, K, eps, rho, marginal, t, allocation)
+             sinkhorn_tol: float = 1e-3, pack_classes: bool = True, valid: torch.Tensor | None = None) -> POTOutput:
+    "POT steps 1-3 (METHOD.md §3) for unit features F (N,D,h,w), seed maps S (N,C+1,h,w), labels (N,C); only `valid` (N,h,w) cells take part."
+    _check_pot_inputs(F, S, labels, tau, K, eps, rho, marginal, t, allocation, valid)
     N, D, h, w = F.shape; M, C1 = h * w, labels.shape[1] + 1
     present = present_classes(labels)
+    vm = None if valid is None else _valid_bool(valid).reshape(N, M)
     u_full = kmeans_uniforms((N, C1, K), generator)
     n_cls = present.sum(1)
     G = int(n_cls.max()) if pack_classes else C1
@@ -96,16 +105,17 @@ def pot_cams(F: torch.Tensor, S: torch.Tensor, labels: torch.Tensor, tau: float 
     with torch.no_grad(), torch.autocast(F.device.type, enabled=False):
         X = at_least_float32(F.detach()).flatten(2)
         Sg = at_least_float32(S.detach()).flatten(2).gather(1, order[..., None].expand(N, G, M))
-        omega, empty = confident_sets(Sg, slot, tau, K)
+        omega, empty = confident_sets(Sg, slot, tau, K, vm)
         km = spherical_kmeans(X, omega, K, max_iter=kmeans_iter, tol=kmeans_tol, u=u_full.gather(1, order.to(u_full.device)[..., None].expand(N, G, K)))
         nu = class_prototypes(km)
-        b = cluster_marginal(km.mu, nu, km.valid, class_mass(Sg, slot, km.valid.any(-1), K), marginal, t)
-        Q, sk = allocate(km.sims, b, eps, rho, allocation, sinkhorn_iter, sinkhorn_tol)
+        b = cluster_marginal(km.mu, nu, km.valid, class_mass(Sg, slot, km.valid.any(-1), K, vm), marginal, t)
+        Q, sk = allocate(km.sims, b, eps, rho, allocation, sinkhorn_iter, sinkhorn_tol, vm)
         mu_new = update_prototypes(X, Q)
     with torch.autocast(F.device.type, enabled=False):
         A = prototype_activation(at_least_float32(F).flatten(2), Q, mu_new, G)           # grad only through <f, μ'>
     A = _scatter_classes(A, order, C1)
     cam = normalize_with_background(A[:, 1:].reshape(N, C1 - 1, h, w), labels.to(A.dtype), floor=0.1)
+    if vm is not None: cam = cam * vm.view(N, 1, h, w)                                    # padding: zero CAM
     slots = (order[..., None] * K + torch.arange(K, device=F.device)).view(N, G * K)
     Qf = Q.new_zeros(N, M, C1 * K).scatter(2, slots[:, None].expand(N, M, G * K), Q)
     empty = _scatter_classes(empty, order, C1)

@@ -49,10 +49,12 @@ def normalize_with_background(cams: torch.Tensor, labels: torch.Tensor, floor: f
     return torch.cat([bg, fg], 1)
 
 # %% ../nbs/05_cluster.ipynb #6d374c00
-def confident_sets(S: torch.Tensor, present: torch.Tensor, tau: float = 0.7, K: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    "Ω_c as a bool mask (N, G, M) from seed maps S (N, G, h, w) or (N, G, M), with the top-K fallback; and `empty` (N, G)."
+def confident_sets(S: torch.Tensor, present: torch.Tensor, tau: float = 0.7, K: int = 3,
+                   valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    "Ω_c as a bool mask (N, G, M) from seed maps S (N, G, h, w) or (N, G, M), with the top-K fallback, inside `valid` (N, M); and `empty` (N, G)."
     s = S.detach().flatten(2) if S.ndim == 4 else S.detach()
-    s = torch.where(present[..., None], s, torch.zeros_like(s))
+    keep = present[..., None] if valid is None else present[..., None] & valid.reshape(s.shape[0], 1, -1).bool()
+    s = torch.where(keep, s, torch.zeros_like(s))
     pos = s > 0
     empty = present & ~pos.any(-1)
     conf = (s >= tau) & pos

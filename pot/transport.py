@@ -15,17 +15,24 @@ from .core import BadInputError
 from .cluster import at_least_float32, float32_no_autocast
 
 # %% auto #0
-__all__ = ['class_mass', 'cluster_marginal', 'SinkhornResult', 'sinkhorn', 'allocate', 'synthetic_feature_maps']
+__all__ = ['class_mass', 'cluster_marginal', 'SinkhornResult', 'sinkhorn_method', 'sinkhorn', 'allocate',
+           'synthetic_feature_maps']
 
 # %% ../nbs/06_transport.ipynb #5c7edf0b
-def class_mass(S: torch.Tensor, present: torch.Tensor, active: torch.Tensor, K: int) -> torch.Tensor:
-    "π (N, G): share of pixels whose seed argmax is c (ties split), floored at K/M where `active`, 0 elsewhere, sums to 1."
+def class_mass(S: torch.Tensor, present: torch.Tensor, active: torch.Tensor, K: int,
+               valid: torch.Tensor | None = None) -> torch.Tensor:
+    "π (N, G): share of the `valid` pixels whose seed argmax is c (ties split), floored at K/M where `active`, 0 elsewhere, sums to 1."
     s = S.detach().flatten(2) if S.ndim == 4 else S.detach()
-    M = s.shape[-1]
+    N, M = s.shape[0], s.shape[-1]
     s = s.masked_fill(~present[..., None], -math.inf)
     win = (s == s.amax(1, keepdim=True)) & present[..., None]
-    pi = (win / win.sum(1, keepdim=True).clamp_min(1)).mean(-1)
-    pi = torch.where(active, pi.clamp_min(K / M), torch.zeros_like(pi))
+    share = win / win.sum(1, keepdim=True).clamp_min(1)
+    if valid is None: pi, floor = share.mean(-1), K / M
+    else:
+        v = valid.reshape(N, 1, M).to(share.dtype)
+        Mv = v.sum(-1).clamp_min(1)                                  # M counts the image's own cells
+        pi, floor = (share * v).sum(-1) / Mv, K / Mv
+    pi = torch.where(active, torch.maximum(pi, torch.as_tensor(floor, dtype=pi.dtype)), torch.zeros_like(pi))
     return pi / pi.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
@@ -44,27 +51,39 @@ def cluster_marginal(mu: torch.Tensor, nu: torch.Tensor, valid: torch.Tensor, pi
 @dataclass
 class SinkhornResult:
     "Batched entropic OT output."
-    T: torch.Tensor       # (B, M, P) plan, rows sum to a
-    n_iter: int           # iterations of the slowest problem
-    err: torch.Tensor     # (B,) last L1 change of each plan
-    method: str           # 'kernel' or 'lse'
+    T: torch.Tensor                 # (B, M, P) plan, rows sum to a
+    n_iter: int | torch.Tensor      # iterations of the slowest problem (a 0-d tensor when `sync=False`)
+    err: torch.Tensor               # (B,) last L1 change of each Q = T / a (rows of Q sum to 1)
+    method: str                     # 'kernel' or 'lse'
+
+
+def sinkhorn_method(eps: float, cost_range: float = 2.0) -> str:
+    "'kernel' when exp(-cost/eps) cannot underflow (range/eps <= 50: costs 1 - cos lie in [0, 2]), else 'lse' (no data needed)."
+    return "kernel" if cost_range / eps <= 50 else "lse"
 
 
 @float32_no_autocast
 def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float = 0.1, rho: float | None = 0.1,
-             n_iter: int = 100, tol: float = 1e-3, method: str = "auto") -> SinkhornResult:
+             n_iter: int = 100, tol: float = 1e-3, method: str = "auto", sync: bool = True) -> SinkhornResult:
     "argmin_{T>=0, T1=a} <T,cost> - eps H(T) + rho KL(T'1 | b) (rho=None: T'1=b), batched: cost (B,M,P), a (B,M), b (B,P)."
     if cost.ndim != 3 or a.shape != cost.shape[:2] or b.shape != (cost.shape[0], cost.shape[2]):
         raise BadInputError(f"cost {tuple(cost.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}; expected (B,M,P), (B,M), (B,P)")
     if eps <= 0: raise BadInputError(f"eps={eps}; expected > 0")
     if rho is not None and rho <= 0: raise BadInputError(f"rho={rho}; expected > 0 or None (balanced)")
     if method not in ("auto", "kernel", "lse"): raise BadInputError(f"method={method!r}; expected 'auto', 'kernel' or 'lse'")
+    if method == "auto" and not sync: raise BadInputError("method='auto' reads the cost range on the host; with sync=False pass 'kernel' or 'lse' (see sinkhorn_method)")
     cost, a, b = at_least_float32(cost), at_least_float32(a), at_least_float32(b)
     B = cost.shape[0]
     phi = 1.0 if rho is None else rho / (rho + eps)
-    has = (b > 0).any(-1)
+    live = (a > 0).any(-1)                                         # problems with at least one pixel
+    a = torch.where(live[:, None], a, torch.ones_like(a))          # (the others are solved on a dummy a and zeroed)
+    has = (b > 0).any(-1) & live
+    rows = a > 0                                                   # pixels in the problem (a = 0: padding)
+    inv_a = torch.where(rows, 1 / torch.where(rows, a, torch.ones_like(a)), torch.zeros_like(a))
     loga, logb = a.log(), torch.where(has[:, None], b, torch.ones_like(b)).log()
-    cmin = cost.amin((1, 2), keepdim=True)
+    cmin = cost.masked_fill(~rows[..., None], math.inf).amin((1, 2), keepdim=True)
+    cmin = torch.where(cmin < math.inf, cmin, torch.zeros_like(cmin))
+    cost = torch.where(rows[..., None], cost, cmin)                # padded rows: any finite cost, their a = 0 zeroes them
     if method == "auto":
         method = "kernel" if float(((cost.amax((1, 2), keepdim=True) - cmin) / eps).max()) <= 50 else "lse"
     if method == "kernel":
@@ -85,30 +104,36 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float = 
     al = row(be); T = plan(al, be)
     err = torch.full((B,), math.inf, dtype=cost.dtype, device=cost.device)
     active = torch.ones(B, dtype=torch.bool, device=cost.device)
-    it = 0
+    it, n_run = 0, torch.zeros((), dtype=torch.long, device=cost.device)
     for it in range(1, n_iter + 1):
+        if not sync: n_run = n_run + active.any()
         be = torch.where(active[:, None], col(al), be)
         al = torch.where(active[:, None], row(be), al)
         Tn = plan(al, be)
-        err = torch.where(active, (Tn - T).abs().sum((1, 2)), err)
+        err = torch.where(active, ((Tn - T).abs().sum(2) * inv_a).sum(1), err)     # L1 change of Q = T / a
         T, active = Tn, active & (err >= tol)
-        if not bool(active.any()): break
-    return SinkhornResult(T * has[:, None, None], it, err, method)
+        if sync and not bool(active.any()): break
+    return SinkhornResult(T * has[:, None, None], it if sync else n_run, err, method)
 
 # %% ../nbs/06_transport.ipynb #cb77d2a4
 def allocate(sims: torch.Tensor, b: torch.Tensor, eps: float = 0.1, rho: float | None = 0.1, allocation: str = "joint",
-             n_iter: int = 100, tol: float = 1e-3) -> tuple[torch.Tensor, SinkhornResult]:
-    "Q = M·T* (N, M, G·K) from similarities sims (N, G, K, M) (cost 1 - sims) and marginal b (N, G, K)."
+             n_iter: int = 100, tol: float = 1e-3, valid: torch.Tensor | None = None, method: str = "auto",
+             sync: bool = True) -> tuple[torch.Tensor, SinkhornResult]:
+    "Q = M·T* (N, M, G·K) from similarities sims (N, G, K, M) (cost 1 - sims), marginal b (N, G, K); M counts `valid` (N, M) pixels."
     N, G, K, M = sims.shape
+    if valid is None: a = sims.new_full((N, M), 1 / M)
+    else:
+        v = valid.to(sims.dtype).reshape(N, M)
+        a = v / v.sum(-1, keepdim=True).clamp_min(1)                 # a = 1/M_valid on the image, 0 on padding
+    inv_a = torch.where(a > 0, 1 / torch.where(a > 0, a, torch.ones_like(a)), torch.zeros_like(a))[..., None]
     if allocation == "joint":
-        r = sinkhorn((1 - sims).view(N, G * K, M).transpose(1, 2), sims.new_full((N, M), 1 / M), b.reshape(N, G * K),
-                     eps, rho, n_iter, tol)
-        return r.T * M, r
+        r = sinkhorn((1 - sims).view(N, G * K, M).transpose(1, 2), a, b.reshape(N, G * K), eps, rho, n_iter, tol, method, sync)
+        return r.T * inv_a, r
     if allocation == "per_class":
         bc = b / b.sum(-1, keepdim=True).clamp_min(1e-30)
-        r = sinkhorn((1 - sims).view(N * G, K, M).transpose(1, 2), sims.new_full((N * G, M), 1 / M), bc.reshape(N * G, K),
-                     eps, rho, n_iter, tol)
-        return (r.T * M).view(N, G, M, K).transpose(1, 2).reshape(N, M, G * K), r
+        r = sinkhorn((1 - sims).view(N * G, K, M).transpose(1, 2), a.repeat_interleave(G, 0), bc.reshape(N * G, K),
+                     eps, rho, n_iter, tol, method, sync)
+        return (r.T.view(N, G, M, K) * inv_a[:, None]).transpose(1, 2).reshape(N, M, G * K), r
     raise BadInputError(f"allocation={allocation!r}; expected 'joint' or 'per_class'")
 
 # %% ../nbs/06_transport.ipynb #7d616800
