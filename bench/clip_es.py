@@ -72,7 +72,7 @@ def reference_style_cams(model, imgs, keys, classes, timer=None):
         with ce._timed(timer, "refine", dev):
             g = torch.stack(grads, 1)
             cam = torch.relu(torch.einsum("bkd,bnd->bkn", g[:, :, 1:].mean(2), a.detach()[:, 1:]))
-            cam = ce.minmax(cam.view(1, len(k), *grid))
+            cam = ce.scale_gradcam(cam.view(1, len(k), *grid))
             T = ce.attention_affinity((attn + w[:, 1:, 1:].detach()) / 8)
             out.append(ce.refine_cams(T, cam, ce.cam_box_masks(cam))[0].cpu())
     return out

@@ -34,10 +34,10 @@ __all__ = ['PROMPT_TEMPLATE', 'BACKGROUND_WORDS', 'CLASS_PROMPTS', 'OPENAI_EXTRA
            'CACHE_META', 'COCO_TRAIN_IMAGES', 'COCO_MAP_VALUES', 'prompt_words', 'background_words', 'clip_prompts',
            'clip_model_name', 'convert_openai_checkpoint', 'read_clip_state_dict', 'load_clip', 'encode_prompts',
            'text_features', 'clip_input_size', 'preprocess_image', 'interpolate_pos_embed', 'vit_trunk',
-           'last_block_gradcam', 'minmax', 'attention_affinity', 'cam_box_masks', 'refine_cams', 'clip_es_batch',
-           'clip_es_cams', 'upsample_cams', 'cache_file', 'cache_size', 'write_clip_cam', 'read_clip_cam',
-           'projected_cache_bytes', 'load_seed_cam', 'ClipSeedCams', 'build_clip_cache', 'evaluate_clip_cache',
-           'clip_cams_main', 'clip_cams_cli']
+           'last_block_gradcam', 'minmax', 'scale_gradcam', 'attention_affinity', 'cam_box_masks', 'refine_cams',
+           'clip_es_batch', 'clip_es_cams', 'upsample_cams', 'cache_file', 'cache_size', 'write_clip_cam',
+           'read_clip_cam', 'projected_cache_bytes', 'load_seed_cam', 'ClipSeedCams', 'build_clip_cache',
+           'evaluate_clip_cache', 'clip_cams_main', 'clip_cams_cli']
 
 # %% ../nbs/12_clip_es.ipynb #1b4a6bf1
 PROMPT_TEMPLATE = "a clean origami {}."
@@ -409,6 +409,11 @@ def minmax(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return x / (x.amax((-2, -1), keepdim=True) + eps)
 
 
+def scale_gradcam(cam: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    "The reference's scaling of ReLU'd GradCAMs (..., h, w): `minmax` once per target layer, then again after the mean over the (one) layer."
+    return minmax(minmax(cam, eps), eps)
+
+
 def attention_affinity(attn: torch.Tensor, rounds: int = 3) -> torch.Tensor:
     "Float64 (B, N, N) T from mean attention: Sinkhorn (columns, then rows) `rounds` times, symmetrised; the affinity is T·T."
     T = attn.double()
@@ -418,8 +423,8 @@ def attention_affinity(attn: torch.Tensor, rounds: int = 3) -> torch.Tensor:
     return (T + T.transpose(-2, -1)) / 2
 
 
-def cam_box_masks(cams: torch.Tensor, threshold: float = 0.4, ref_box_edge: bool = False) -> torch.Tensor:
-    "bool (..., h, w): union of the bounding boxes of the outer contours of each 8-bit map `floor(255 cam) > floor(threshold * max)`."
+def cam_box_masks(cams: torch.Tensor, threshold: float = 0.4, full_box_edges: bool = False) -> torch.Tensor:
+    "bool (..., h, w): union of the bounding boxes of the outer contours of each 8-bit map `floor(255 cam) > floor(threshold * max)`, clipped like the reference unless `full_box_edges`."
     q = torch.floor(cams.float() * 255)
     binary = (q > torch.floor(threshold * q.amax((-2, -1), keepdim=True))).to(torch.uint8).cpu().numpy()
     h, w = binary.shape[-2:]
@@ -428,15 +433,15 @@ def cam_box_masks(cams: torch.Tensor, threshold: float = 0.4, ref_box_edge: bool
     for i, b in enumerate(flat):
         for c in cv2.findContours(b, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)[0]:
             x0, y0, bw, bh = cv2.boundingRect(c)
-            x1, y1 = (min(x0 + bw, w - 1), min(y0 + bh, h - 1)) if ref_box_edge else (x0 + bw, y0 + bh)
+            x1, y1 = (x0 + bw, y0 + bh) if full_box_edges else (min(x0 + bw, w - 1), min(y0 + bh, h - 1))
             masks[i, y0:y1, x0:x1] = 1
     return torch.from_numpy(masks.reshape(binary.shape).astype(bool)).to(cams.device)
 
 
 def refine_cams(T: torch.Tensor, cams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    "Min-max scaled (T·T)(mask * cam) for cams, masks (B, n, h, w) and T (B, h*w, h*w), computed as T(T v) in float64."
+    "Min-max scaled (T·T)(mask * cam) for cams, masks (B, n, h, w) and T (B, h*w, h*w): T(T v) and the min-max in T's dtype (float64), then float32."
     src = (cams * masks).flatten(2).transpose(1, 2).to(T.dtype)     # (B, N, n)
-    return minmax((T @ (T @ src)).transpose(1, 2).reshape(cams.shape).float())
+    return minmax((T @ (T @ src)).transpose(1, 2).reshape(cams.shape)).float()
 
 # %% ../nbs/12_clip_es.ipynb #6f54a4eb
 def _autocast(device: torch.device, amp: bool):
@@ -447,7 +452,7 @@ def _autocast(device: torch.device, amp: bool):
 
 def clip_es_batch(model, x: torch.Tensor, keys: Sequence, fg_text: torch.Tensor, bg_text: torch.Tensor,
                   batched: bool = True, n_attn: int = 8, threshold: float = 0.4, rounds: int = 3, amp: bool = False,
-                  ref_box_edge: bool = False, timer: dict | None = None) -> dict:
+                  full_box_edges: bool = False, timer: dict | None = None) -> dict:
     "CLIP-ES on x (B,3,H,W) for labels keys[b] (1..C): dict(cam=refined, gradcam) (B, n_max, H/16, W/16) in [0,1], padded rows zero."
     dev, B = x.device, x.shape[0]
     keys = [torch.as_tensor(np.asarray(k, dtype=np.int64)).reshape(-1) for k in keys]
@@ -474,8 +479,8 @@ def clip_es_batch(model, x: torch.Tensor, keys: Sequence, fg_text: torch.Tensor,
     with _timed(timer, "refine", dev):
         attn = attn_last if attn is None else attn + attn_last
         T = attention_affinity(attn / n_attn, rounds)
-        cam = minmax(cam.view(B, n_max, *grid))
-        refined = refine_cams(T, cam, cam_box_masks(cam, threshold, ref_box_edge))
+        cam = scale_gradcam(cam.view(B, n_max, *grid))
+        refined = refine_cams(T, cam, cam_box_masks(cam, threshold, full_box_edges))
         pad = (torch.arange(n_max, device=dev) >= n.to(dev)[:, None])[..., None, None]
         refined, cam = refined.masked_fill(pad, 0), cam.masked_fill(pad, 0)
     return dict(cam=refined, gradcam=cam, n=n)
@@ -611,14 +616,15 @@ def _dist_env(rank, world_size) -> tuple[int, int, int]:
     return r, w, int(os.environ.get("LOCAL_RANK", r))
 
 
-def _cache_settings(model, classes, cache_stride, n_attn, threshold, rounds, amp, ref_box_edge) -> dict:
+def _cache_settings(model, classes, cache_stride, n_attn, threshold, rounds, amp, full_box_edges) -> dict:
     fg, bg = clip_prompts(classes)
     meta = dict(getattr(model, "pot_clip", {}))
     if meta.get("pretrained") not in (None, "openai") and Path(meta["pretrained"]).is_file():
         p = Path(meta["pretrained"]).resolve()
         meta["pretrained"], meta["pretrained_bytes"] = str(p), p.stat().st_size
-    return dict(format=1, clip=meta, classes=list(classes), fg_prompts=fg, bg_prompts=bg, cache_stride=int(cache_stride),
-                n_attn=int(n_attn), threshold=float(threshold), rounds=int(rounds), amp=bool(amp), ref_box_edge=bool(ref_box_edge))
+    return dict(format=2, clip=meta, classes=list(classes), fg_prompts=fg, bg_prompts=bg, cache_stride=int(cache_stride),
+                n_attn=int(n_attn), threshold=float(threshold), rounds=int(rounds), amp=bool(amp),
+                full_box_edges=bool(full_box_edges))
 
 
 def _remove_stale_tmp(out: Path, names: set) -> None:
@@ -654,7 +660,7 @@ def build_clip_cache(data_root, split: str, out, dataset: str = "voc", pretraine
     if model is None: model = load_clip(pretrained, dev, seed=seed)
     else: model = model.to(dev)
     settings = _cache_settings(model, ds.classes, cache_stride, kw.get("n_attn", 8), kw.get("threshold", 0.4),
-                               kw.get("rounds", 3), amp, kw.get("ref_box_edge", False))
+                               kw.get("rounds", 3), amp, kw.get("full_box_edges", False))
     meta_path = out / CACHE_META
     if meta_path.is_file() and not overwrite:
         old = load_json(meta_path).get("settings", {})
@@ -755,6 +761,8 @@ def clip_cams_main(argv: Sequence[str] | None = None) -> dict | Path:
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--cache-stride", type=int, default=PATCH)
     p.add_argument("--amp", action="store_true", help="autocast (GPU); the default is float32")
+    p.add_argument("--full-box-edges", action="store_true",
+                   help="boxes touching the right/bottom border keep their last row/column (the reference clips them; off = parity)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
     p.add_argument("--num-workers", type=int, default=0)
@@ -770,7 +778,8 @@ def clip_cams_main(argv: Sequence[str] | None = None) -> dict | Path:
     pre = None if a.pretrained.lower() == "none" else a.pretrained
     s = build_clip_cache(a.data_root, a.split, a.out, dataset=a.dataset, pretrained=pre, device=a.device,
                          batch_size=a.batch_size, cache_stride=a.cache_stride, amp=a.amp, overwrite=a.overwrite,
-                         limit=a.limit, num_workers=a.num_workers, seed=a.seed)
+                         limit=a.limit, num_workers=a.num_workers, seed=a.seed,
+                         full_box_edges=a.full_box_edges)
     print(f"{s['n_images']} images ({s['n_computed']} computed, {s['n_skipped']} already cached), "
           f"{s['bytes_per_image']:.0f} bytes/image -> COCO train ~{s['projected_coco_train_gb']:.2f} GB")
     if a.eval and s["rank"] == 0:
