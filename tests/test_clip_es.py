@@ -218,6 +218,11 @@ def test_matches_reference_math(model):
         fg, bg = ce.text_features(model, VOC_CLASSES)
         ours = ce.clip_es_batch(model, x, [keys], fg, bg)
         final = ce.upsample_cams(ours["cam"][0], hw).numpy()
+        xin, _, grid = ce.vit_trunk(model.visual, x)                   # the GradCAM is scaled twice (scale_gradcam)
+        text = torch.cat([fg[torch.as_tensor(keys) - 1], bg])[None]
+        raw, _ = ce.last_block_gradcam(model, xin, text, torch.ones(1, text.shape[1], dtype=torch.bool), len(keys))
+        torch.testing.assert_close(ours["gradcam"], ce.scale_gradcam(raw.view(1, len(keys), *grid)), rtol=0, atol=1e-6)
+        assert (ours["gradcam"] - ce.minmax(raw.view(1, len(keys), *grid))).abs().max() > 1e-6
         for prec in ("float32", "float64"):
             ref = reference_clip_es(model, img, keys, VOC_CLASSES, prec)
             assert np.abs(ours["gradcam"][0].numpy() - ref["gradcam"]).max() <= 1e-4, (hw, prec)
