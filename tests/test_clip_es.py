@@ -384,6 +384,22 @@ def test_cli_builds_and_evaluates(model, toy, tmp_path, capsys, monkeypatch):
     assert "CAM mIoU" in capsys.readouterr().out
 
 
+def test_cli_full_box_edges_is_a_recorded_setting(model, toy, tmp_path, monkeypatch):
+    "--full-box-edges reaches the algorithm and the cache's settings; resuming without it is an error."
+    monkeypatch.setattr(ce, "load_clip", lambda pretrained, device, seed=0: model)
+    args = ["--data-root", str(toy), "--dataset", "toyvoc", "--out", str(tmp_path / "c"), "--pretrained", "none",
+            "--device", "cpu", "--limit", "2"]
+    ce.clip_cams_main(args + ["--full-box-edges"])
+    settings = load_json(tmp_path / "c" / ce.CACHE_META)["settings"]
+    assert settings["full_box_edges"] is True and settings["format"] == 2
+    ds = load_dataset("toyvoc", toy, "train")
+    keys = [np.flatnonzero(ds.labels(i)) + 1 for i in range(2)]
+    full = ce.clip_es_cams(model, [ds.image(i) for i in range(2)], keys, ds.classes, full_box_edges=True)
+    for i in range(2):
+        np.testing.assert_allclose(ce.read_clip_cam(tmp_path / "c" / f"{ds.name(i)}.npz")["cams"], full[i].numpy(), atol=5e-4)
+    with pytest.raises(BadInputError, match="full_box_edges"): ce.clip_cams_main(args)
+
+
 def test_cli_reports_bad_input_without_traceback(toy, tmp_path, monkeypatch):
     monkeypatch.setattr(ce, "_openai_weights_file", lambda: (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(SystemExit, match="pot-clip-cams: error: pretrained='openai'"):
