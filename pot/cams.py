@@ -5,6 +5,7 @@
 # %% ../nbs/11_cams.ipynb #e72f0c3f
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,9 @@ from .metrics import CAMEvaluator
 from . import viz
 
 # %% auto #0
-__all__ = ['MAP_KEYS', 'SUMMARY_ROWS', 'max_normalize', 'fuse_with_clip', 'batch_cams', 'cam_path', 'infer_cams', 'load_cams',
-           'evaluate_cams', 'summary_table', 'per_class_table', 'print_summary', 'train_and_evaluate']
+__all__ = ['MAP_KEYS', 'SUMMARY_ROWS', 'DEMO_ROWS', 'max_normalize', 'fuse_with_clip', 'batch_cams', 'cam_path', 'infer_cams',
+           'load_cams', 'evaluate_cams', 'baseline_config', 'add_baseline', 'summary_table', 'per_class_table',
+           'print_summary', 'train_and_evaluate']
 
 # %% ../nbs/11_cams.ipynb #317290ae
 MAP_KEYS = ("cls", "pot", "pot_k1", "final")
@@ -181,14 +183,43 @@ def evaluate_cams(run_dir, split: str | None = None, data_root: str | None = Non
     return metrics
 
 # %% ../nbs/11_cams.ipynb #bec743cc
-SUMMARY_ROWS = {"classifier": "classifier CAM", "pot_k1": "POT, K=1 (same network, at inference)",
-                "pot": "POT", "final": "final CAM (for pseudo labels)"}
+SUMMARY_ROWS = {"baseline": "baseline: classifier CAM, trained without L_con", "classifier": "classifier CAM of the POT network",
+                "pot_k1": "POT, K=1 (at inference on the POT network)", "pot": "POT", "final": "final CAM (for pseudo labels)",
+                "baseline_pot": "POT at inference on the baseline network"}
+DEMO_ROWS = ("baseline", "classifier", "pot_k1", "pot")
+_POT_ONLY = ("out_dir", "lambda_con", "con_warmup", "con_ramp", "tau", "K", "eps", "rho", "marginal", "t")   # unused without L_con
 
 
-def summary_table(metrics: dict, rows: tuple = ("classifier", "pot_k1", "pot")):
-    "pandas table of CAM mIoU, best background threshold, mean precision and recall for `rows` of a run's metrics."
+def baseline_config(cfg: POTConfig, out_dir=None) -> POTConfig:
+    "The baseline of `cfg`: same data, seed and recipe, no POT loss (`lambda_con=0`, POT parameters at their defaults), in `out_dir` (default `cfg.out_dir/baseline`)."
+    default = POTConfig()
+    return dataclasses.replace(cfg, **{k: getattr(default, k) for k in _POT_ONLY if k not in ("out_dir", "lambda_con")},
+                               lambda_con=0.0, out_dir=str(out_dir or Path(cfg.out_dir) / "baseline"))
+
+
+def add_baseline(run_dir, baseline_dir) -> dict:
+    "Put the baseline run's classifier CAM (and POT at inference on it) into `run_dir/metrics.json` as `baseline` (`baseline_pot`)."
+    from pot.train import RUNTIME_FIELDS
+    run_dir, baseline_dir = Path(run_dir), Path(baseline_dir)
+    cfg, base = (load_json(d / "config.json")["config"] for d in (run_dir, baseline_dir))
+    diff = sorted(k for k in set(cfg) | set(base) if k not in (*RUNTIME_FIELDS, *_POT_ONLY) and cfg.get(k) != base.get(k))
+    if diff or base.get("lambda_con") != 0:
+        raise BadInputError(f"{baseline_dir} is not the baseline of {run_dir}: it differs in {diff or ['lambda_con != 0']}")
+    metrics, b = load_json(run_dir / "metrics.json"), load_json(baseline_dir / "metrics.json")
+    if b.get("cam_split") != metrics.get("cam_split"):
+        raise BadInputError(f"{baseline_dir}: CAMs scored on split {b.get('cam_split')!r}, the run's on {metrics.get('cam_split')!r}")
+    for key, src in (("baseline", "classifier"), ("baseline_pot", "pot")):
+        metrics["cam_miou"][key], metrics["cam_eval"][key] = b["cam_miou"][src], b["cam_eval"][src]
+    metrics["baseline_run"] = str(baseline_dir)
+    save_json(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def summary_table(metrics: dict, rows: tuple | None = None):
+    "pandas table of CAM mIoU, best background threshold, mean precision and recall for `rows` (default `DEMO_ROWS`, baseline when there is one)."
     import pandas as pd
     ev = metrics["cam_eval"]
+    rows = rows or (DEMO_ROWS if "baseline" in ev else DEMO_ROWS[1:])
     missing = [r for r in rows if r not in ev]
     if missing: raise BadInputError(f"metrics lack CAM results for {missing}; run evaluate_cams first")
     df = pd.DataFrame([{"map": SUMMARY_ROWS.get(r, r), "mIoU (%)": ev[r]["miou"], "best bg threshold": ev[r]["best_threshold"],
@@ -197,9 +228,10 @@ def summary_table(metrics: dict, rows: tuple = ("classifier", "pot_k1", "pot")):
     return df.round(2)
 
 
-def per_class_table(metrics: dict, rows: tuple = ("classifier", "pot_k1", "pot")):
-    "pandas table of per-class IoU (%) for each map in `rows`."
+def per_class_table(metrics: dict, rows: tuple | None = None):
+    "pandas table of per-class IoU (%) for each map in `rows` (as `summary_table`)."
     import pandas as pd
+    rows = rows or (DEMO_ROWS if "baseline" in metrics["cam_eval"] else DEMO_ROWS[1:])
     return pd.DataFrame({SUMMARY_ROWS.get(r, r): metrics["cam_eval"][r]["iou"] for r in rows}).round(2)
 
 
@@ -212,12 +244,11 @@ def print_summary(run_dir) -> None:
     print(per_class_table(metrics).to_string())
 
 
-def train_and_evaluate(cfg: POTConfig, resume: bool = True, toyvoc: dict | None = None) -> dict:
-    "The main job: (generate ToyVOC if needed,) train POT, infer CAMs on `cfg.eval_split`, evaluate; returns metrics."
+def train_and_evaluate(cfg: POTConfig, resume: bool = True, baseline: bool = True, baseline_dir=None) -> dict:
+    "The main job: train the baseline (`baseline_config`) and POT, infer and evaluate the CAMs of both on `cfg.eval_split`; returns POT's metrics."
     from pot.train import train
-    if cfg.dataset == "toyvoc":
-        from pot.toyvoc import ensure_toyvoc
-        ensure_toyvoc(cfg.data_root, **(toyvoc or {}))
-    run = train(cfg, resume=resume)
-    infer_cams(run, device=cfg.device)
-    return evaluate_cams(run)
+    runs = ([train(baseline_config(cfg, baseline_dir), resume=resume)] if baseline else []) + [train(cfg, resume=resume)]
+    for run in runs:
+        infer_cams(run, device=cfg.device)
+        metrics = evaluate_cams(run)
+    return add_baseline(runs[-1], runs[0]) if baseline else metrics

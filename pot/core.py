@@ -81,15 +81,18 @@ class POTConfig(JSONConfig):
     lambda_con: float = 0.3
     beta_fuse: float = 0.3
     # model and training
-    backbone: str = "resnet18"
-    pretrained: str | None = None    # local path to ImageNet weights; None = random init
+    backbone: str = "tf_efficientnet_lite0"   # resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | tf_efficientnet_lite0
+    pretrained: str | None = "lite0-imagenet"  # 'lite0-imagenet' (ships offline) | local ImageNet state dict | 'torchvision' | None = random
     feature_stride: int = 4
     crop: int = 128
     batch_size: int = 16
     epochs: int = 4
-    lr: float = 0.002
-    optimizer: str = "adamw"         # adamw (one lr; trains from random weights) | sgd (the paper: momentum 0.9, new layers 10× lr)
-    freeze_stem_bn: bool = False     # True: stem and every BatchNorm frozen, as in IRN/SIPE (the paper, with ImageNet weights)
+    lr: float = 0.0003
+    lr_new_mult: float = 10.0        # side projections and classifier train at lr_new_mult × lr
+    optimizer: str = "adamw"         # adamw | sgd (the paper: momentum 0.9)
+    con_warmup: float = 1.0          # epochs of L_cls alone before L_con starts (10_train, 'When L_con starts')
+    con_ramp: float = 1.0            # epochs over which the weight of L_con then rises linearly to lambda_con
+    freeze_stem_bn: bool = True      # stem and every BatchNorm frozen, as in IRN/SIPE (the paper, with ImageNet weights)
     weight_decay: float = 1e-4
     grad_clip: float | None = 10.0   # max gradient norm (None: no clipping)
     amp: bool = True                 # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU runs float32
@@ -114,6 +117,10 @@ class POTConfig(JSONConfig):
         if self.eps <= 0: raise BadInputError(f"POTConfig.eps={self.eps}; expected a positive number")
         if self.rho is not None and self.rho <= 0:
             raise BadInputError(f"POTConfig.rho={self.rho}; expected a positive number or None (balanced OT)")
+        for name in ("con_warmup", "con_ramp"):
+            if getattr(self, name) < 0: raise BadInputError(f"POTConfig.{name}={getattr(self, name)}; expected epochs >= 0")
+        if self.lr <= 0 or self.lr_new_mult <= 0:
+            raise BadInputError(f"POTConfig lr={self.lr}, lr_new_mult={self.lr_new_mult}; expected positive numbers")
         for name in ("ckpt_every", "log_every", "epochs", "batch_size", "crop"):
             if getattr(self, name) < 1: raise BadInputError(f"POTConfig.{name}={getattr(self, name)}; expected an integer >= 1")
         if self.grad_clip is not None and self.grad_clip <= 0:
@@ -129,10 +136,12 @@ class POTConfig(JSONConfig):
         presets = {
             "toyvoc": {},
             "voc": dict(dataset="voc", data_root="data/VOC2012", train_split="train_aug", backbone="resnet50",
-                        feature_stride=16, crop=512, batch_size=16, epochs=5, lr=0.1, optimizer="sgd", freeze_stem_bn=True,
+                        pretrained=None, feature_stride=16, crop=512, batch_size=16, epochs=5, lr=0.1, optimizer="sgd",
+                        con_warmup=0.0, con_ramp=0.0,
                         cam_scales=PAPER_CAM_SCALES),
             "coco": dict(dataset="coco", data_root="data/COCO2014", train_split="train", backbone="resnet50",
-                         feature_stride=16, crop=512, batch_size=16, epochs=5, lr=0.1, optimizer="sgd", freeze_stem_bn=True,
+                         pretrained=None, feature_stride=16, crop=512, batch_size=16, epochs=5, lr=0.1, optimizer="sgd",
+                         con_warmup=0.0, con_ramp=0.0,
                          cam_scales=PAPER_CAM_SCALES),
         }
         if name not in presets: raise BadInputError(f"unknown preset {name!r}; expected one of {tuple(presets)}")

@@ -15,9 +15,9 @@ import pandas as pd
 from .core import BadInputError, load_json, save_json
 
 # %% auto #0
-__all__ = ['SWEPT', 'QUICK_BASE', 'QUICK_SEGMENTATION', 'repo_root', 'notebook_parameters', 'stage_record', 'run_stage',
-           'stage_table', 'point_name', 'ablation_points', 'train_seconds', 'run_train_points', 'is_allocation_point',
-           'plot_ablation', 'cost_table', 'markdown_table']
+__all__ = ['SWEPT', 'QUICK_BASE', 'QUICK_SEGMENTATION', 'SEED_ROWS', 'repo_root', 'notebook_parameters', 'stage_record',
+           'run_stage', 'stage_table', 'point_name', 'ablation_points', 'train_seconds', 'run_train_points',
+           'seed_table', 'is_allocation_point', 'plot_ablation', 'cost_table', 'markdown_table']
 
 # %% ../nbs/16_experiments.ipynb #c6a30317
 def repo_root() -> Path:
@@ -125,11 +125,30 @@ def run_train_points(points: list[dict], out_root, base: dict | None = None, not
     rows = []
     for p in tqdm(points, desc="sweep", disable=not progress):
         run = Path(out_root) / point_name(p)
-        rec = run_stage("train", notebook, run, {**(base or {}), **p, "out_dir": str(run)}, progress=False)
+        shared = Path(out_root) / f"baseline_seed{p.get('seed', 0)}"
+        rec = run_stage("train", notebook, run, {**(base or {}), **p, "out_dir": str(run), "baseline_dir": str(shared)},
+                        progress=False)
         m, c = load_json(run / "metrics.json")["cam_miou"], load_json(run / "config.json")["config"]
-        rows.append(dict(point=point_name(p), **{k: c[k] for k in SWEPT}, classifier=m["classifier"], pot_k1=m["pot_k1"], pot=m["pot"],
+        rows.append(dict(point=point_name(p), **{k: c[k] for k in SWEPT}, baseline=m["baseline"], classifier=m["classifier"],
+                         pot_k1=m["pot_k1"], pot=m["pot"],
                          train_s=round(train_seconds(run), 1), stage_s=rec["wall_s"], reused=rec["skipped"], run=str(run)))
     return pd.DataFrame(rows)
+
+
+SEED_ROWS = {"baseline": "baseline (classifier CAM, no L_con)", "classifier": "classifier CAM of the POT network",
+             "pot_k1": "POT, K=1", "pot": "POT (K=3)"}
+
+
+def seed_table(df: pd.DataFrame, rows: dict = SEED_ROWS) -> pd.DataFrame:
+    "CAM mIoU per seed, mean and sd (over seeds, n−1) of the sweep rows `df` of one point; plus POT − baseline, paired by seed."
+    d = df.set_index("seed").sort_index()
+    if d.index.has_duplicates: raise BadInputError(f"seed_table: several rows per seed ({d.index.tolist()}); pass the rows of one point")
+    t = pd.DataFrame({name: d[col] for col, name in rows.items()}).T
+    t.loc["POT − baseline (paired)"] = d["pot"] - d["baseline"]
+    t.columns = [f"seed {s}" for s in t.columns]
+    per_seed = t.copy()
+    t["mean"], t["sd"] = per_seed.mean(1), per_seed.std(1, ddof=1) if per_seed.shape[1] > 1 else float("nan")
+    return t.round(2)
 
 # %% ../nbs/16_experiments.ipynb #38b9c4ce
 def is_allocation_point(df: pd.DataFrame) -> pd.Series:

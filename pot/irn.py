@@ -27,7 +27,7 @@ from .core import BadInputError, JSONConfig, load_checkpoint, load_json, resolve
 from .crf import (CRF_PRESETS, label_png_ok, run_source, check_crf_params, crf_inference, default_workers,
                      label_probs, read_image_cams)
 from .data import TrainDataset, load_dataset, normalize_image
-from .model import FrozenBN, build_resnet, calibrate_bn, freeze_stem_and_bn, load_imagenet_weights, resize, stage_channels
+from .model import FrozenBN, build_encoder, calibrate_bn, freeze_stem_and_bn, load_imagenet_weights, resize, stage_channels
 from .train import epoch_batches, finished_run, fit
 from .viz import image_grid, read_label_png, save_palette_png
 
@@ -300,12 +300,12 @@ def _branch(c_in: int, c_out: int, groups: int) -> nn.Sequential:
 
 
 class IRNet(FrozenBN):
-    "Inter-pixel relation network: ResNet encoder (frozen stem/BN), boundary logits (N,1,h,w) and displacements (N,2,h,w) at stride 4."
+    "Inter-pixel relation network: encoder (frozen stem/BN), boundary logits (N,1,h,w) and displacements (N,2,h,w) at stride 4."
     def __init__(self, backbone: str = "resnet50", train_backbone: bool = False, edge_dim: int = 32, dp_dims=(64, 128, 256)):
         super().__init__()
         self.backbone, self.train_backbone = backbone, train_backbone
-        self.encoder = build_resnet(backbone)
-        chans = (self.encoder.conv1.out_channels, *stage_channels(self.encoder))   # stem, layer1..4
+        self.encoder = build_encoder(backbone, 16, out_indices=(0, 1, 2, 3, 4))
+        chans = stage_channels(self.encoder)   # stem, stages 1..4
         self.edge_branch = nn.ModuleList(_branch(c, edge_dim, 4) for c in chans)
         self.edge_out = nn.Conv2d(edge_dim * len(chans), 1, 1)
         d1, d2, d3 = dp_dims
@@ -319,11 +319,9 @@ class IRNet(FrozenBN):
 
     def forward_features(self, x: torch.Tensor) -> list:
         "The encoder taps: stem (stride 4) and stages 1–4 (strides 4, 8, 16, 16); without gradient unless `train_backbone`."
-        e = self.encoder
         with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
-            x0 = e.maxpool(e.relu(e.bn1(e.conv1(x))))
-            x1 = e.layer1(x0); x2 = e.layer2(x1); x3 = e.layer3(x2)
-            return [x0, x1, x2, x3, e.layer4(x3)]
+            x0, *stages = self.encoder(x)
+            return [F.max_pool2d(x0, 3, 2, 1), *stages]
 
     def forward(self, x: torch.Tensor, with_dp: bool = True) -> dict:
         "dict(edge = boundary logits (N,1,h,w), dp = displacements (N,2,h,w), unless not `with_dp`) on the stride-4 grid, h = ⌈H/4⌉."
@@ -380,7 +378,7 @@ class IRNConfig(JSONConfig):
     def preset(cls, name: str, **overrides) -> "IRNConfig":
         "IRN's settings for 'voc' / 'coco', or the CPU demo 'toyvoc', with `overrides` applied."
         presets = dict(voc={}, coco={},
-                       toyvoc=dict(backbone="resnet18", pretrained="run", crop=128, batch_size=16, epochs=3, momentum=0.9,
+                       toyvoc=dict(backbone="tf_efficientnet_lite0", pretrained="run", crop=128, batch_size=16, epochs=3, momentum=0.9,
                                    radius=5.0, ckpt_every=20, log_every=5))
         if name not in presets: raise BadInputError(f"unknown IRN preset {name!r}; expected one of {tuple(presets)}")
         return cls(**{**presets[name], **overrides})

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import functools
 import inspect
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections import namedtuple
@@ -25,11 +27,13 @@ from .data import IGNORE, write_split
 from .viz import voc_palette
 
 # %% auto #0
-__all__ = ['TOYVOC_CLASSES', 'POOL', 'KEY', 'PLANT', 'Part', 'BUILDERS', 'TOYVOC_VERSION', 'toyvoc_image', 'generate_toyvoc',
-           'ensure_toyvoc', 'toyvoc_cli']
+__all__ = ['TOYVOC_CLASSES', 'OTHER_CLASSES', 'PHOTO_TOYVOC', 'POOL', 'KEY', 'PLANT', 'Part', 'BUILDERS', 'TOYVOC_VERSION',
+           'toyvoc_image', 'generate_toyvoc', 'ensure_toyvoc', 'toyvoc_cli']
 
 # %% ../nbs/02_toyvoc.ipynb #10d20439
 TOYVOC_CLASSES = ("car", "flower", "fish", "bird", "house", "boat")
+OTHER_CLASSES = ("tree", "umbrella", "cup", "lamp", "kite")
+PHOTO_TOYVOC = dict(classes=OTHER_CLASSES, background="photos", seed=1)   # the second benchmark (below)
 
 POOL = dict(brick=(176, 72, 56), navy=(50, 76, 148), olive=(112, 126, 58), sand=(196, 170, 118),
             slate=(108, 116, 128), brown=(126, 82, 54), teal=(54, 126, 126), plum=(116, 68, 110),
@@ -198,7 +202,91 @@ def _boat(rng, mode):
             Part(_poly((-0.5, 0.1), (0.5, 0.1), (0.4, 0.32), (-0.42, 0.32)), hull, _tex(rng, "stripes", hull, _shade(hull, 0.8)), False)]
 
 
-BUILDERS = (_car, _flower, _fish, _bird, _house, _boat)
+
+
+# %% ../nbs/02_toyvoc.ipynb #oth3rbld
+def _tree(rng, mode):
+    trunk = _jit(rng, POOL[rng.choice(["brown", "sand"])])
+    crown = _jit(rng, POOL[rng.choice(["olive", "teal", "slate"])])
+    if mode == 0:
+        parts = [Part(_rect(-0.06, 0.05, 0.06, 0.5), trunk, _tex(rng, "stripes", trunk), False),
+                 Part(_ell(0, -0.15, 0.38, 0.34), crown, _tex(rng, "dots", crown, _shade(crown, 1.25)), False)]
+        red = _jit(rng, KEY["red"], 8, (0.9, 1.1))
+        return parts + [Part(_ell(x, y, 0.05, 0.05), red, None, True)
+                        for x, y in ((-0.2, -0.2), (0.05, -0.3), (0.2, -0.05), (-0.05, 0.0), (0.15, -0.22))]
+    parts = [Part(_rect(-0.05, 0.3, 0.05, 0.5), trunk, None, False)]
+    parts += [Part(_poly((-0.4 + 0.08 * k, 0.32 - 0.22 * k), (0.4 - 0.08 * k, 0.32 - 0.22 * k), (0.0, -0.02 - 0.22 * k)),
+                   _shade(crown, 0.85 + 0.1 * k), None, False) for k in range(3)]
+    star = [(0.1 * np.cos(a) * (1 if j % 2 == 0 else 0.45), -0.5 + 0.1 * np.sin(a) * (1 if j % 2 == 0 else 0.45))
+            for j, a in enumerate(np.arange(10) * np.pi / 5 - np.pi / 2)]
+    return parts + [Part(_poly(*star), _jit(rng, KEY["yellow"], 8, (0.9, 1.1)), None, True)]
+
+
+def _umbrella(rng, mode):
+    dark = _jit(rng, PLANT["dark"], 8)
+    c = _jit(rng, POOL[rng.choice(["navy", "plum", "brick", "teal"])])
+    if mode == 0:
+        dome = np.concatenate([_ell(0, 0, 0.48, 0.36)[16:], [[0.48, 0.0]]])        # the upper half of an ellipse
+        return [Part(_rect(-0.015, -0.05, 0.015, 0.36), dark, None, False),
+                Part(dome + [0, -0.02], c, _tex(rng, "stripes", c, _shade(c, 1.3)), False),
+                Part(_poly((-0.02, 0.34), (0.02, 0.34), (0.02, 0.44), (-0.12, 0.44), (-0.12, 0.38), (-0.08, 0.38),
+                           (-0.08, 0.4), (-0.02, 0.4)), _jit(rng, KEY["black"], 6, (0.9, 1.1)), None, True),
+                Part(_rect(-0.02, -0.46, 0.02, -0.36), _jit(rng, KEY["black"], 6, (0.9, 1.1)), None, True)]
+    orange = _jit(rng, KEY["orange"], 8, (0.9, 1.1))
+    return [Part(_rect(-0.015, -0.2, 0.015, 0.5), dark, None, False),
+            Part(_poly((-0.5, -0.1), (0.0, -0.32), (0.5, -0.1)), c, _tex(rng, "checker", c, _shade(c, 1.3)), False)] + \
+           [Part(_poly((x - 0.03, -0.1), (x + 0.03, -0.1), (x, 0.0)), orange, None, True) for x in np.linspace(-0.45, 0.45, 7)]
+
+
+def _cup(rng, mode):
+    c = _jit(rng, POOL[rng.choice(["cream", "sand", "navy", "teal"])])
+    if mode == 0:
+        lobes = [Part(_ell(-0.05, -0.02, 0.06, 0.06), _jit(rng, KEY["red"], 8, (0.9, 1.1)), None, True),
+                 Part(_ell(0.05, -0.02, 0.06, 0.06), _jit(rng, KEY["red"], 8, (0.9, 1.1)), None, True),
+                 Part(_poly((-0.105, 0.0), (0.105, 0.0), (0.0, 0.13)), _jit(rng, KEY["red"], 8, (0.9, 1.1)), None, True)]
+        return [Part(_ell(0.32, 0.0, 0.16, 0.2), _shade(c, 0.8), None, False),
+                Part(_ell(0.32, 0.0, 0.08, 0.11), _jit(rng, _bg_colour(rng), 4), None, False),
+                Part(_rect(-0.3, -0.35, 0.3, 0.4), c, _tex(rng, "stripes", c, _shade(c, 0.8)), False)] + lobes
+    return [Part(_ell(0, 0.36, 0.48, 0.1), _shade(c, 0.8), None, False),
+            Part(_ell(0.34, 0.0, 0.12, 0.12), _shade(c, 0.85), None, False),
+            Part(_poly((-0.36, -0.2), (0.36, -0.2), (0.22, 0.3), (-0.22, 0.3)), c, _tex(rng, "dots", c, _shade(c, 1.3)), False),
+            Part(_rect(-0.37, -0.26, 0.37, -0.18), _jit(rng, KEY["gold"], 6, (0.9, 1.1)), None, True)]
+
+
+def _lamp(rng, mode):
+    c, dark = _jit(rng, POOL[rng.choice(["slate", "brick", "olive", "plum"])]), _jit(rng, PLANT["dark"], 8)
+    lit = _jit(rng, KEY["lit"], 6, (0.95, 1.05))
+    if mode == 0:
+        return [Part(_ell(0, 0.44, 0.3, 0.06), dark, None, False),
+                Part(_poly((-0.02, 0.42), (0.02, 0.42), (0.22, -0.02), (0.18, -0.04)), dark, None, False),
+                Part(_poly((0.2, -0.03), (0.24, 0.0), (-0.12, -0.3), (-0.16, -0.27)), dark, None, False),
+                Part(_poly((-0.5, -0.05), (-0.02, -0.5), (0.1, -0.36), (-0.36, 0.06)), c, _tex(rng, "stripes", c), False),
+                Part(_ell(-0.26, 0.04, 0.1, 0.1), lit, None, True)]
+    return [Part(_rect(-0.02, -0.2, 0.02, 0.46), dark, None, False),
+            Part(_ell(0, 0.47, 0.22, 0.04), dark, None, False),
+            Part(_poly((-0.3, -0.5), (0.3, -0.5), (0.46, -0.14), (-0.46, -0.14)), c, _tex(rng, "dots", c, _shade(c, 1.3)), False),
+            Part(_ell(0, -0.1, 0.12, 0.1), lit, None, True)]
+
+
+def _kite(rng, mode):
+    c = _jit(rng, POOL[rng.choice(["brick", "navy", "teal", "sand", "plum"])])
+    dark = _jit(rng, PLANT["dark"], 8)
+    if mode == 0:
+        body = [Part(_poly((0.0, -0.5), (0.26, -0.16), (0.0, 0.2), (-0.26, -0.16)), c, _tex(rng, "checker", c, _shade(c, 1.35)), False),
+                Part(_poly((-0.01, 0.2), (0.01, 0.2), (0.13, 0.5), (0.11, 0.5)), dark, None, False)]
+        bows = [Part(_poly((x - 0.06, y - 0.04), (x + 0.06, y + 0.04), (x + 0.06, y - 0.04), (x - 0.06, y + 0.04)),
+                     _jit(rng, KEY["red" if k % 2 else "yellow"], 8, (0.9, 1.1)), None, True)
+                for k, (x, y) in enumerate(((0.04, 0.3), (0.08, 0.39), (0.12, 0.48)))]
+        return body + bows
+    orange = _jit(rng, KEY["orange"], 8, (0.9, 1.1))
+    return [Part(_poly((-0.5, 0.05), (0.0, -0.45), (0.5, 0.05), (0.0, -0.05)), c, _tex(rng, "stripes", c, _shade(c, 1.3)), False),
+            Part(_poly((-0.02, -0.05), (0.02, -0.05), (0.02, 0.3), (-0.02, 0.3)), dark, None, False),
+            Part(_poly((-0.02, 0.28), (0.02, 0.28), (-0.1, 0.5), (-0.16, 0.48)), orange, None, True),
+            Part(_poly((-0.02, 0.28), (0.02, 0.28), (0.16, 0.48), (0.1, 0.5)), orange, None, True)]
+
+
+BUILDERS = dict(car=_car, flower=_flower, fish=_fish, bird=_bird, house=_house, boat=_boat,
+                tree=_tree, umbrella=_umbrella, cup=_cup, lamp=_lamp, kite=_kite)
 
 # %% ../nbs/02_toyvoc.ipynb #39f5ce82
 def _texture(spec, c1, ys, xs) -> np.ndarray:
@@ -265,6 +353,33 @@ def _distractor(rng):
                bar=_rect(-0.5, -0.05, 0.5, 0.05))[kind]
     tex = None if rng.random() < 0.4 else _tex(rng, rng.choice(["stripes", "dots", "checker"]), c, _shade(c, rng.uniform(0.6, 1.4)))
     return [Part(pts, c, tex, False)]
+
+# %% ../nbs/02_toyvoc.ipynb #ph0tobg2
+@functools.cache
+def _photos() -> tuple:
+    "The photographs that ship with scikit-image and scikit-learn, as float32 (h, w, 3) arrays in 0..255 (loaded once)."
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+    colour = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket(),
+              skimage.data.hubble_deep_field(), skimage.data.immunohistochemistry(), skimage.data.stereo_motorcycle()[0],
+              *load_sample_images().images]
+    tints = ((0.55, 0.75, 0.4), (0.7, 0.6, 0.5), (0.75, 0.45, 0.35))    # grass green, gravel grey-brown, brick red
+    grey = [np.asarray(g, np.float32)[..., None] * np.asarray(t, np.float32) * 1.3
+            for g, t in zip((skimage.data.grass(), skimage.data.gravel(), skimage.data.brick()), tints)]
+    return tuple(np.ascontiguousarray(np.clip(p, 0, 255), np.float32) for p in [*colour, *grey])
+
+
+def _photo_background(rng, H, W) -> np.ndarray:
+    "(H, W, 3) float32: a random crop of a random shipped photo, resized, mirrored, jittered."
+    photo = _photos()[int(rng.integers(len(_photos())))]
+    ph, pw = photo.shape[:2]
+    side = rng.uniform(0.35, 1.0) * min(ph, pw)
+    ch, cw = (side, side * W / H) if W / H <= pw / ph else (side * H / W, side)
+    ch, cw = min(int(ch), ph), min(int(cw), pw)
+    y0, x0 = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
+    img = cv2.resize(photo[y0:y0 + ch, x0:x0 + cw], (W, H), interpolation=cv2.INTER_AREA)
+    if rng.random() < 0.5: img = img[:, ::-1]
+    return np.clip(img * rng.uniform(0.8, 1.15) * rng.uniform(0.9, 1.1, 3), 0, 255).astype(np.float32)
 
 # %% ../nbs/02_toyvoc.ipynb #c4b06f41
 def _raster(parts, s, cx, cy, rot, flip):
@@ -339,27 +454,27 @@ def _shape_at_random(rng, img, parts, s):
 def toyvoc_image(rng: np.random.Generator, size: int = 160, max_occlusion: float = 0.4, classes_per_image=(1, 3),
                  max_instances: int = 4, p_second: float = 0.35, scale=(0.65, 1.0), n_distractors=(2, 6),
                  p_front: float = 0.25, p_decoy: float = 0.0, noise: float = 4.0, border: int = 1,
-                 min_pixels: int = 30) -> dict:
+                 min_pixels: int = 30, classes=TOYVOC_CLASSES, background: str = "procedural") -> dict:
     "One ToyVOC image: dict(image uint8 (H,W,3), mask uint8 (H,W), parts uint8 (H,W), objects list of dicts)."
-    C, keep = len(TOYVOC_CLASSES), 1 - max_occlusion
+    builders, C, keep = [BUILDERS[c] for c in classes], len(classes), 1 - max_occlusion
     for _attempt in range(20):
         H, W = _image_size(rng, size)
-        img = _background(rng, H, W)
+        img = _background(rng, H, W) if background == "procedural" else _photo_background(rng, H, W)
         inst, part = np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8)
         n_dis = int(rng.integers(n_distractors[0], n_distractors[1] + 1))
         n_front = int(rng.binomial(n_dis, p_front))
         for _ in range(n_dis - n_front): _shape_at_random(rng, img, _distractor(rng), rng.uniform(0.15, 0.45) * min(H, W))
         if rng.random() < p_decoy:
-            decoy = [p for p in BUILDERS[int(rng.integers(C))](rng, int(rng.integers(2))) if not p.key]
+            decoy = [p for p in builders[int(rng.integers(C))](rng, int(rng.integers(2))) if not p.key]
             _shape_at_random(rng, img, decoy, rng.uniform(*scale) * min(H, W) * 0.8)
-        classes = rng.choice(C, int(rng.integers(classes_per_image[0], classes_per_image[1] + 1)), replace=False)
-        insts = [int(c) for c in classes for _ in range(1 + int(rng.random() < p_second))][:max_instances]
+        picked = rng.choice(C, int(rng.integers(classes_per_image[0], classes_per_image[1] + 1)), replace=False)
+        insts = [int(c) for c in picked for _ in range(1 + int(rng.random() < p_second))][:max_instances]
         insts = [insts[j] for j in rng.permutation(len(insts))]
         s_base = min(H, W) * len(insts) ** -0.25
         full, objects = [], []
         for c in insts:
             mode = int(rng.integers(2))
-            parts = BUILDERS[c](rng, mode)
+            parts = builders[c](rng, mode)
             placed = _try_place(rng, parts, inst, full, H, W, rng.uniform(*scale) * s_base, keep)
             if placed is None: continue
             canvas, corner, area, truncated = placed
@@ -370,7 +485,7 @@ def toyvoc_image(rng: np.random.Generator, size: int = 160, max_occlusion: float
             part[isl][sub > 0] = 1
             part[isl][np.isin(sub, key_ids)] = 2
             full.append(area)
-            objects.append(dict(name=TOYVOC_CLASSES[c], label=c + 1, mode=mode, truncated=truncated))
+            objects.append(dict(name=classes[c], label=c + 1, mode=mode, truncated=truncated))
         for _ in range(n_front):
             parts = _distractor(rng)
             placed = _try_place(rng, parts, inst, full, H, W, rng.uniform(0.15, 0.45) * min(H, W), keep)
@@ -420,16 +535,35 @@ def _xml(name: str, smp: dict, seed: int) -> str:
             f"  <size><width>{W}</width><height>{H}</height><depth>3</depth></size>\n  <segmented>1</segmented>\n{objs}</annotation>\n")
 
 
-def _check_replaceable(out: Path) -> None:
-    "Refuse to replace `out` if it exists and holds anything but ToyVOC files."
+def _manifest(out: Path) -> dict | None:
+    "The manifest of a ToyVOC folder this generator wrote (None when there is none, or it is not one)."
+    try: m = load_json(out / "toyvoc.json")
+    except BadInputError: return None
+    return m if isinstance(m, dict) and m.get("generator") == "pot.toyvoc" else None
+
+
+def _check_target(out: Path, p: dict, force: bool = False) -> None:
+    "Refuse to write `out` unless it is missing, empty, or a ToyVOC this generator made with parameters `p` (any, with `force`)."
     if not out.exists(): return
     if not out.is_dir(): raise BadInputError(f"{out}: exists and is not a folder; expected a ToyVOC folder or nothing")
-    extra = sorted(set(os.listdir(out)) - set(_LAYOUT))
-    if extra: raise BadInputError(f"{out}: holds {extra[:5]}, which are not ToyVOC files; refusing to replace it (choose another --out)")
+    entries = os.listdir(out)
+    if not entries: return
+    extra = sorted(set(entries) - set(_LAYOUT))
+    if extra: raise BadInputError(f"{out}: holds {extra[:5]}, which are not ToyVOC files; refusing to touch it (choose another folder)")
+    made = _manifest(out)
+    if made is None:
+        raise BadInputError(f"{out}: has no toyvoc.json manifest, so pot.toyvoc did not make it (or did not finish it); "
+                            f"refusing to replace it: choose another folder, or move this one away")
+    old = dict(made.get("params", {}), version=made.get("version"))
+    diff = {k: (old.get(k), v) for k, v in dict(p, version=TOYVOC_VERSION).items() if old.get(k) != v}
+    if diff and not force:
+        details = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in diff.items())
+        raise BadInputError(f"{out}: a ToyVOC made with other parameters ({details}); ask for the same parameters, "
+                            f"choose another folder, or replace it with force=True (pot-toyvoc --force)")
 
 
 def _swap_into_place(tmp: Path, out: Path) -> None:
-    "Rename the finished `tmp` folder to `out`, replacing an older ToyVOC at `out`."
+    "Rename the finished `tmp` folder to `out`, replacing what `_check_target` allowed there (nothing, an empty folder, a ToyVOC)."
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
@@ -443,20 +577,22 @@ def generate_toyvoc(out="data/toyvoc", n_train: int = 600, n_val: int = 150, siz
                     max_occlusion: float = 0.4, classes_per_image=(1, 3), max_instances: int = 4, p_second: float = 0.35,
                     scale=(0.65, 1.0), n_distractors=(2, 6), p_front: float = 0.25, p_decoy: float = 0.0,
                     noise: float = 4.0, border: int = 1, jpeg_quality: int = 90, min_pixels: int = 30,
-                    progress: bool = True) -> Path:
-    "Write a ToyVOC dataset (VOC layout, manifest last, renamed into place) to `out`; returns `out`."
-    kw = {k: v for k, v in locals().items() if k not in ("out", "progress")}
+                    classes=TOYVOC_CLASSES, background: str = "procedural", progress: bool = True, force: bool = False) -> Path:
+    "Write a ToyVOC dataset (VOC layout, manifest last, renamed into place) to `out`: a new or empty folder, or one it made (see above)."
+    kw = {k: v for k, v in locals().items() if k not in ("out", "progress", "force")}
     p = _params(**kw)
     out = Path(out)
-    _check_replaceable(out)
+    _check_target(out, p, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0); os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)                     # mkdtemp makes 0700 folders; the dataset gets the usual mode
     img_kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in p.items()
               if k not in ("n_train", "n_val", "seed", "jpeg_quality")}
     try:
         for d in _LAYOUT[:4]: (tmp / d).mkdir()
         (tmp / "ImageSets" / "Segmentation").mkdir(parents=True)
-        (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in TOYVOC_CLASSES))
+        (tmp / "classes.txt").write_text("".join(f"{c}\n" for c in p["classes"]))
         for code, (split, n) in enumerate((("train", p["n_train"]), ("val", p["n_val"]))):
             names = [f"{split}_{i:05d}" for i in range(n)]
             for i in tqdm(range(n), desc=f"ToyVOC {split}", disable=not progress, leave=False):
@@ -467,7 +603,7 @@ def generate_toyvoc(out="data/toyvoc", n_train: int = 600, n_val: int = 150, siz
                 (tmp / "Annotations" / f"{names[i]}.xml").write_text(_xml(names[i], smp, p["seed"]))
             write_split(tmp / "ImageSets" / "Segmentation" / f"{split}.txt", names)
         save_json(tmp / "toyvoc.json", dict(generator="pot.toyvoc", version=TOYVOC_VERSION, params=p,
-                                             classes=list(TOYVOC_CLASSES), counts=dict(train=p["n_train"], val=p["n_val"])))
+                                             classes=list(p["classes"]), counts=dict(train=p["n_train"], val=p["n_val"])))
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -478,18 +614,21 @@ def generate_toyvoc(out="data/toyvoc", n_train: int = 600, n_val: int = 150, siz
 def _params(**kw) -> dict:
     "Every parameter of `generate_toyvoc` (defaults filled in), range-checked and JSON-plain (tuples as lists)."
     sig = inspect.signature(generate_toyvoc).parameters
-    names = [n for n in sig if n not in ("out", "progress")]
+    names = [n for n in sig if n not in ("out", "progress", "force")]
     unknown = sorted(set(kw) - set(names))
     if unknown: raise BadInputError(f"unknown ToyVOC parameter(s) {unknown}; known: {names}")
     p = {n: kw.get(n, sig[n].default) for n in names}
     p = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in p.items()}
     (c0, c1), (s0, s1), (d0, d1) = p["classes_per_image"], p["scale"], p["n_distractors"]
+    unknown = [c for c in p["classes"] if c not in BUILDERS]
+    if unknown or not p["classes"] or len(set(p["classes"])) < len(p["classes"]):
+        raise BadInputError(f"ToyVOC classes={p['classes']}; expected distinct names from {tuple(BUILDERS)}")
     checks = dict(n_train=p["n_train"] >= 1, n_val=p["n_val"] >= 0, size=p["size"] >= 48,
-                  max_occlusion=0 <= p["max_occlusion"] < 1, classes_per_image=1 <= c0 <= c1 <= len(TOYVOC_CLASSES),
+                  max_occlusion=0 <= p["max_occlusion"] < 1, classes_per_image=1 <= c0 <= c1 <= len(p["classes"]),
                   max_instances=p["max_instances"] >= 1, p_second=0 <= p["p_second"] <= 1, scale=0 < s0 <= s1,
                   n_distractors=0 <= d0 <= d1, p_front=0 <= p["p_front"] <= 1, p_decoy=0 <= p["p_decoy"] <= 1,
                   noise=p["noise"] >= 0, border=p["border"] >= 0, jpeg_quality=1 <= p["jpeg_quality"] <= 100,
-                  min_pixels=p["min_pixels"] >= 1)
+                  min_pixels=p["min_pixels"] >= 1, background=p["background"] in ("procedural", "photos"))
     bad = [k for k, ok in checks.items() if not ok]
     if bad: raise BadInputError(f"ToyVOC parameter(s) out of range: {', '.join(f'{k}={p[k]}' for k in bad)}")
     return p
@@ -508,15 +647,12 @@ def _complete(out: Path, p: dict) -> bool:
 
 def _is_current(out: Path, p: dict) -> bool:
     "Whether `out` holds a complete ToyVOC of this generator version made with parameters `p`."
-    man = out / "toyvoc.json"
-    if not man.is_file(): return False
-    try: m = load_json(man)
-    except BadInputError: return False
-    return m.get("version") == TOYVOC_VERSION and m.get("params") == p and _complete(out, p)
+    m = _manifest(out)
+    return m is not None and m.get("version") == TOYVOC_VERSION and m.get("params") == p and _complete(out, p)
 
 
 def ensure_toyvoc(out="data/toyvoc", progress: bool = True, **kw) -> Path:
-    "Generate ToyVOC at `out` (parameters as `generate_toyvoc`) unless a complete one with the same parameters is there."
+    "Generate ToyVOC at `out` (parameters as `generate_toyvoc`) unless a complete one with the same parameters is there; never replaces anything else."
     out = Path(out)
     if _is_current(out, _params(**kw)): return out
     return generate_toyvoc(out, progress=progress, **kw)
@@ -526,17 +662,19 @@ def toyvoc_cli(argv=None) -> None:
     "Console script `pot-toyvoc`: generate ToyVOC (only when missing or incomplete unless --force)."
     ap = argparse.ArgumentParser(prog="pot-toyvoc", description="Generate the ToyVOC benchmark in the VOC layout.")
     ap.add_argument("--out", default="data/toyvoc", help="output folder (default data/toyvoc)")
-    ap.add_argument("--force", action="store_true", help="regenerate even if a complete dataset with these parameters exists")
+    ap.add_argument("--force", action="store_true", help="replace a ToyVOC this generator made, even with other parameters")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     for k, v in _params().items():
         flag = "--" + k.replace("_", "-")
-        if isinstance(v, list): ap.add_argument(flag, type=type(v[0]), nargs=2, default=v, metavar=("LO", "HI"))
+        if k == "classes": ap.add_argument(flag, nargs="+", default=v, choices=tuple(BUILDERS), metavar="NAME")
+        elif isinstance(v, list): ap.add_argument(flag, type=type(v[0]), nargs=2, default=v, metavar=("LO", "HI"))
         else: ap.add_argument(flag, type=type(v), default=v)
     a = vars(ap.parse_args(argv))
     out, force, quiet = a.pop("out"), a.pop("force"), a.pop("quiet")
     if not force and _is_current(Path(out), _params(**a)):
         print(f"ToyVOC at {out} is complete and up to date (use --force to regenerate)"); return
     t, c = time.perf_counter(), time.process_time()
-    path = generate_toyvoc(out, progress=not quiet, **a)
+    try: path = generate_toyvoc(out, progress=not quiet, force=force, **a)
+    except BadInputError as e: sys.exit(f"error: {e}")
     print(f"ToyVOC at {path}: {a['n_train']} train + {a['n_val']} val images "
           f"({time.perf_counter() - t:.1f} s wall, {time.process_time() - c:.1f} s CPU)")

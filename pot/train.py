@@ -32,9 +32,9 @@ from .data import load_dataset, TrainDataset
 # %% auto #0
 __all__ = ['RUNTIME_FIELDS', 'BN_CALIB_BATCHES', 'valid_on_grid', 'seeds_on_grid', 'consistency_weight', 'global_weight_share',
            'pot_step_losses', 'epoch_batches', 'poly_lr', 'init_distributed', 'rng_state', 'set_rng_state',
-           'check_same_config', 'clip_seed_loader', 'make_optimizer', 'fit', 'train', 'finished_run', 'load_trained',
-           'parse_bool', 'flag_type', 'add_config_flags', 'config_from_flags', 'config_parser', 'config_from_args',
-           'train_cli']
+           'check_same_config', 'clip_seed_loader', 'con_weight', 'make_optimizer', 'fit', 'train', 'finished_run',
+           'load_trained', 'parse_bool', 'flag_type', 'add_config_flags', 'config_from_flags', 'config_parser',
+           'config_from_args', 'train_cli']
 
 # %% ../nbs/10_train.ipynb #4315837a
 def valid_on_grid(valid: torch.Tensor, grid) -> torch.Tensor:
@@ -61,11 +61,13 @@ def global_weight_share(w: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
 
 def pot_step_losses(out: dict, labels: torch.Tensor, valid: torch.Tensor, cfg: POTConfig,
-                    seed: torch.Tensor | None = None, generator: torch.Generator | None = None) -> dict:
-    "Losses of one step from the network outputs `out`: dict(loss, loss_cls, loss_con, n_empty) (METHOD.md §3)."
+                    seed: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    lambda_con: float | None = None) -> dict:
+    "Losses of one step from the network outputs `out`: dict(loss, loss_cls, loss_con, n_empty) (METHOD.md §3); λ = `lambda_con` (default cfg's)."
+    lam = cfg.lambda_con if lambda_con is None else lambda_con
     logits = out["logits"].float()
     loss_cls = classification_loss(logits, labels)
-    if cfg.lambda_con == 0:
+    if lam == 0:
         zero = logits.new_zeros(())
         return dict(loss=loss_cls, loss_cls=loss_cls, loss_con=zero, n_empty=0)
     feats = out["F"].float()
@@ -78,11 +80,11 @@ def pot_step_losses(out: dict, labels: torch.Tensor, valid: torch.Tensor, cfg: P
         if seed is None: raise BadInputError("seed_source='clip-es' but the batch has no 'seed' maps; build TrainDataset with seed_cams")
         S = seeds_on_grid(seed, labels, grid, vgrid)
     pot = pot_cams(feats, S.detach(), labels, tau=cfg.tau, K=cfg.K, eps=cfg.eps, rho=cfg.rho,
-                   marginal=cfg.marginal, t=cfg.t, generator=generator)
-    w = pot.w * vgrid
+                   marginal=cfg.marginal, t=cfg.t, generator=generator, valid=vgrid)
+    w = pot.w
     loss_con = consistency_loss(pot.cam, A_cls, w, pot.present)
     if dist.is_initialized() and dist.get_world_size() > 1: loss_con = loss_con * global_weight_share(w, pot.present)
-    return dict(loss=loss_cls + cfg.lambda_con * loss_con, loss_cls=loss_cls, loss_con=loss_con,
+    return dict(loss=loss_cls + lam * loss_con, loss_cls=loss_cls, loss_con=loss_con,
                 n_empty=int(pot.n_empty))
 
 # %% ../nbs/10_train.ipynb #39433aa0
@@ -177,10 +179,11 @@ BN_CALIB_BATCHES = 4
 
 
 def _build_data(cfg: POTConfig):
-    "The training `VOCLayout` and `TrainDataset` of `cfg` (ToyVOC is generated when `data_root` has none)."
-    if cfg.dataset == "toyvoc" and not (Path(cfg.data_root) / "classes.txt").exists():
-        from pot.toyvoc import ensure_toyvoc
-        ensure_toyvoc(cfg.data_root)
+    "The training `VOCLayout` and `TrainDataset` of `cfg`; training never generates data (`pot.toyvoc` does)."
+    if not Path(cfg.data_root).is_dir():
+        how = (f"generate ToyVOC there first (pot-toyvoc --out {cfg.data_root}, or run nbs/train.ipynb, which does)"
+               if cfg.dataset == "toyvoc" else "point data_root at a VOC-layout folder")
+        raise BadInputError(f"data_root={cfg.data_root}: no such folder; {how}")
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
     seed_cams = clip_seed_loader(cfg.seed_dir, ds) if cfg.seed_source == "clip-es" else None
     return ds, TrainDataset(ds, cfg.crop, seed=cfg.seed, seed_cams=seed_cams)
@@ -197,11 +200,18 @@ def _amp(cfg: POTConfig, device: torch.device):
     return on, dtype, torch.amp.GradScaler("cuda", enabled=on and dtype == torch.float16)
 
 # %% ../nbs/10_train.ipynb #53d44693
+def con_weight(cfg: POTConfig, epoch: float) -> float:
+    "The weight λ of L_con at training progress `epoch` (fractional epochs): 0 for `con_warmup` epochs, then a linear ramp to `lambda_con` over `con_ramp`."
+    if epoch < cfg.con_warmup: return 0.0
+    if cfg.con_ramp <= 0: return cfg.lambda_con
+    return cfg.lambda_con * min(1.0, (epoch - cfg.con_warmup) / cfg.con_ramp)
+
+
 def make_optimizer(model, cfg: POTConfig) -> torch.optim.Optimizer:
-    "`cfg.optimizer`: 'sgd' (momentum 0.9, new layers at 10× the learning rate) or 'adamw' (one learning rate); weight decay `cfg.weight_decay`."
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(param_groups(model, cfg.lr), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(param_groups(model, cfg.lr, new_mult=1.0), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    "`cfg.optimizer`: 'sgd' (momentum 0.9) or 'adamw', new layers at `cfg.lr_new_mult` × the learning rate; weight decay `cfg.weight_decay`."
+    groups = param_groups(model, cfg.lr, new_mult=cfg.lr_new_mult)
+    if cfg.optimizer == "sgd": return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 # %% ../nbs/10_train.ipynb #728bfb49
 def _value(v) -> float:
@@ -306,8 +316,12 @@ def fit(out, cfg, build: Callable, step_losses: Callable, *, desc: str = "train"
 # %% ../nbs/10_train.ipynb #7210291f
 def train(cfg: POTConfig, resume: bool = True) -> Path:
     "Train POT as `cfg` says into the run folder `cfg.out_dir` (resuming from its last checkpoint); return the folder."
+    steps_per_epoch = None
+
     def build(start, device):
+        nonlocal steps_per_epoch
         ds, tds = _build_data(cfg)
+        steps_per_epoch = len(epoch_batches(len(tds), cfg.batch_size, 0, cfg.seed))
         model = POTNet(cfg.backbone, ds.num_classes, cfg.feature_stride, cfg.pretrained,
                        detach_side=cfg.detach_side, freeze_stem_bn=cfg.freeze_stem_bn)
         model.to(device, memory_format=torch.channels_last)   # NHWC: see 'Cost' in 10_train
@@ -322,12 +336,14 @@ def train(cfg: POTConfig, resume: bool = True) -> Path:
     def step_losses(net, batch, step, rank):
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)   # CPU generator: k-means draws
         img = batch["img"]
-        out = net(img, features=cfg.lambda_con != 0)
+        lam = con_weight(cfg, step / steps_per_epoch)
+        out = net(img, features=lam != 0)                # no features, no POT head while L_con is off
         with torch.autocast(img.device.type, enabled=False):
-            return pot_step_losses(out, batch["label"], batch["valid"], cfg, batch.get("seed"), gen)
+            losses = pot_step_losses(out, batch["label"], batch["valid"], cfg, batch.get("seed"), gen, lambda_con=lam)
+        return dict(losses, lambda_con=lam)
 
     return fit(cfg.out_dir, cfg, build, step_losses, desc=f"train {Path(cfg.out_dir).name}", resume=resume,
-               find_unused=cfg.lambda_con == 0)
+               find_unused=cfg.lambda_con == 0 or cfg.con_warmup > 0)
 
 # %% ../nbs/10_train.ipynb #a46dfd76
 def finished_run(out, config_cls, hint: str, map_location="cpu") -> tuple:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pot.core import BadInputError
+from pot.core import BadInputError, load_json
 from pot.data import (IMAGENET_MEAN, IMAGENET_STD, InferDataset, TrainDataset, VOCLayout, load_dataset,
                       make_train_aug, read_split, write_split)
 from pot.toyvoc import TOYVOC_CLASSES, ensure_toyvoc, generate_toyvoc, toyvoc_cli
@@ -228,3 +228,46 @@ def test_infer_dataset(toy):
     assert it["size"] == (H, W)
     assert [tuple(t.shape) for t in it["imgs"]] == [(2, 3, H, W), (2, 3, round(H / 2), round(W / 2)), (2, 3, 2 * H, 2 * W)]
     assert torch.equal(it["imgs"][0][1], it["imgs"][0][0].flip(-1))
+
+
+# --- a user's folder is never replaced (regressions: ensure_toyvoc, pot-toyvoc and training used to regenerate it) ----
+
+def _users_folder(root: Path) -> Path:
+    "A VOC-layout folder a user made by hand: images and masks, no classes.txt, no ToyVOC manifest."
+    for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"): (root / d).mkdir(parents=True)
+    (root / "JPEGImages" / "mine.jpg").write_bytes(b"my photo")
+    (root / "ImageSets/Segmentation/train.txt").write_text("mine\n")
+    return root
+
+
+def test_users_folder_is_never_replaced(tmp_path):
+    user = _users_folder(tmp_path / "mine")
+    with pytest.raises(BadInputError, match="no toyvoc.json manifest"): ensure_toyvoc(user, n_train=2, n_val=0, progress=False)
+    with pytest.raises(SystemExit, match="^error: .*no toyvoc.json manifest"):
+        toyvoc_cli(["--out", str(user), "--n-train", "2", "--n-val", "0", "--quiet", "--force"])
+    from pot.train import train
+    from pot.core import POTConfig
+    with pytest.raises(BadInputError, match="classes.txt"):
+        train(POTConfig(dataset="toyvoc", data_root=str(user), out_dir=str(tmp_path / "run"), pretrained=None, device="cpu"))
+    assert (user / "JPEGImages" / "mine.jpg").read_bytes() == b"my photo"
+    assert sorted(p.name for p in user.iterdir()) == ["ImageSets", "JPEGImages", "SegmentationClass"]
+
+
+def test_toyvoc_with_other_parameters_is_kept(tmp_path, capsys):
+    out = tmp_path / "t"
+    toyvoc_cli(["--out", str(out), "--n-train", "4", "--n-val", "1", "--size", "64", "--quiet"])
+    before = _digest(out)
+    with pytest.raises(SystemExit, match="n_train: 4 there, 600 asked"): toyvoc_cli(["--out", str(out), "--quiet"])
+    with pytest.raises(BadInputError, match="size: 64 there, 160 asked"): ensure_toyvoc(out, n_train=4, n_val=1, progress=False)
+    assert _digest(out) == before
+    toyvoc_cli(["--out", str(out), "--n-train", "3", "--n-val", "1", "--size", "64", "--quiet", "--force"])   # ours: replaced on request
+    assert load_json(out / "toyvoc.json")["params"]["n_train"] == 3
+
+
+def test_missing_data_root_is_not_generated(tmp_path):
+    from pot.train import train
+    from pot.core import POTConfig
+    typo = tmp_path / "toyvco"
+    with pytest.raises(BadInputError, match="no such folder; generate ToyVOC there first"):
+        train(POTConfig(data_root=str(typo), out_dir=str(tmp_path / "run"), pretrained=None, device="cpu"))
+    assert not typo.exists()

@@ -17,7 +17,8 @@ from helpers import kill_at_checkpoint, subprocess_env
 from pot.core import BadInputError, POTConfig, load_checkpoint, load_json, read_jsonl, save_json, save_npz
 
 RUNNER = "import sys; from pot.train import train_cli; train_cli(sys.argv[1:])"
-TINY = dict(backbone="resnet18", crop=64, batch_size=4, feature_stride=8, epochs=2, lr=0.01, K=3, lambda_con=1.0,
+TINY = dict(backbone="resnet18", pretrained=None, crop=64, batch_size=4, feature_stride=8, epochs=2, lr=0.01, K=3, lambda_con=1.0,
+            con_warmup=0.0, con_ramp=0.0,
             ckpt_every=4, log_every=1, num_workers=0, device="cpu")
 
 
