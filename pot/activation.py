@@ -5,7 +5,7 @@
 # %% ../nbs/07_activation.ipynb #06b377ca
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as Fn
@@ -13,10 +13,10 @@ import torch.nn.functional as Fn
 from .core import BadInputError, check_finite
 from .cluster import (at_least_float32, present_classes, normalize_with_background, confident_sets,
                          kmeans_uniforms, spherical_kmeans, class_prototypes)
-from .transport import class_mass, cluster_marginal, allocate
+from .transport import class_mass, cluster_marginal, allocate, sinkhorn_method
 
 # %% auto #0
-__all__ = ['update_prototypes', 'prototype_activation', 'POTOutput', 'pot_cams']
+__all__ = ['update_prototypes', 'prototype_activation', 'POTOutput', 'pot_cams', 'POTHead']
 
 # %% ../nbs/07_activation.ipynb #a96fe302
 def update_prototypes(X: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -46,12 +46,12 @@ class POTOutput:
     valid: torch.Tensor      # (N, C+1, K) bool: the cluster exists
     b: torch.Tensor          # (N, C+1, K) cluster marginal
     A: torch.Tensor          # (N, C+1, h, w) raw activation Σ_k Q·ReLU(<f, μ'>) before normalisation (incl. background's own)
-    n_iter_kmeans: int
-    n_iter_sinkhorn: int
+    n_iter_kmeans: int | torch.Tensor      # Lloyd iterations of the slowest problem (0-d tensor with sync=False)
+    n_iter_sinkhorn: int | torch.Tensor    # Sinkhorn iterations of the slowest problem (0-d tensor with sync=False)
 
 # %% ../nbs/07_activation.ipynb #313f0f24
-def _check_pot_inputs(F, S, labels, tau, K, eps, rho, marginal, t, allocation, valid=None):
-    "Clear errors for malformed inputs of `pot_cams`."
+def _check_pot_inputs(F, S, labels, tau, K, eps, rho, marginal, t, allocation, valid=None, values=True):
+    "Clear errors for malformed inputs of `pot_cams`; `values=False` checks shapes and parameters only (nothing read from the device)."
     if F.ndim != 4: raise BadInputError(f"F has shape {tuple(F.shape)}; expected (N, D, h, w) unit features")
     N, D, h, w = F.shape
     if labels.ndim != 2 or labels.shape[0] != N:
@@ -65,11 +65,12 @@ def _check_pot_inputs(F, S, labels, tau, K, eps, rho, marginal, t, allocation, v
     if marginal not in ("similarity", "uniform"): raise BadInputError(f"marginal={marginal!r}; expected 'similarity' or 'uniform'")
     if t <= 0: raise BadInputError(f"t={t}; expected > 0")
     if allocation not in ("joint", "per_class"): raise BadInputError(f"allocation={allocation!r}; expected 'joint' or 'per_class'")
+    if valid is not None and valid.shape != (N, h, w):
+        raise BadInputError(f"valid has shape {tuple(valid.shape)}; expected {(N, h, w)} = (N, h, w), true on the image's own cells")
+    if not values: return
     if not torch.isfinite(F.detach().sum()): check_finite("F", F.detach())
     check_finite("S", S.detach())
     if S.numel() and (S.min() < 0 or S.max() > 1): raise BadInputError(f"S has values in [{float(S.min()):.3g}, {float(S.max()):.3g}]; expected seed maps in [0, 1]")
-    if valid is not None and valid.shape != (N, h, w):
-        raise BadInputError(f"valid has shape {tuple(valid.shape)}; expected {(N, h, w)} = (N, h, w), true on the image's own cells")
     n = F.detach()[:, :, ::7, ::7].float().norm(dim=1)
     if valid is not None: n = n[_valid_bool(valid)[:, ::7, ::7]]          # crop padding may hold anything
     if n.numel() and (n - 1).abs().max() > 1e-2:
@@ -91,36 +92,65 @@ def _scatter_classes(x, order, C1, dim=1):
 def pot_cams(F: torch.Tensor, S: torch.Tensor, labels: torch.Tensor, tau: float = 0.7, K: int = 3, eps: float = 0.1,
              rho: float | None = 0.1, marginal: str = "similarity", t: float = 0.1, generator: torch.Generator | None = None,
              allocation: str = "joint", kmeans_iter: int = 30, kmeans_tol: float = 1e-4, sinkhorn_iter: int = 100,
-             sinkhorn_tol: float = 1e-3, pack_classes: bool = True, valid: torch.Tensor | None = None) -> POTOutput:
+             sinkhorn_tol: float = 1e-3, pack_classes: bool = True, valid: torch.Tensor | None = None, sync: bool = True,
+             slots: int | None = None, u: torch.Tensor | None = None) -> POTOutput:
     "POT steps 1-3 (METHOD.md §3) for unit features F (N,D,h,w), seed maps S (N,C+1,h,w), labels (N,C); only `valid` (N,h,w) cells take part."
-    _check_pot_inputs(F, S, labels, tau, K, eps, rho, marginal, t, allocation, valid)
+    _check_pot_inputs(F, S, labels, tau, K, eps, rho, marginal, t, allocation, valid, values=sync)
     N, D, h, w = F.shape; M, C1 = h * w, labels.shape[1] + 1
     present = present_classes(labels)
     vm = None if valid is None else _valid_bool(valid).reshape(N, M)
-    u_full = kmeans_uniforms((N, C1, K), generator)
+    u_full = kmeans_uniforms((N, C1, K), generator) if u is None else u
+    if u_full.shape != (N, C1, K): raise BadInputError(f"u has shape {tuple(u_full.shape)}; expected {(N, C1, K)} uniforms")
     n_cls = present.sum(1)
-    G = int(n_cls.max()) if pack_classes else C1
+    if sync: G = int(n_cls.max()) if pack_classes else C1
+    else:                                                  # a fixed number of class slots: no shape depends on the data
+        G = C1 if slots is None else max(1, min(int(slots), C1))
+        if G < C1: torch._assert_async(n_cls.max() <= G, "pot_cams(slots=...): an image has more present classes than slots")
     order = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices[:, :G]     # present classes first, bg first
     slot = torch.arange(G, device=F.device)[None] < n_cls[:, None]                         # (N, G) slot holds a present class
     with torch.no_grad(), torch.autocast(F.device.type, enabled=False):
         X = at_least_float32(F.detach()).flatten(2)
         Sg = at_least_float32(S.detach()).flatten(2).gather(1, order[..., None].expand(N, G, M))
         omega, empty = confident_sets(Sg, slot, tau, K, vm)
-        km = spherical_kmeans(X, omega, K, max_iter=kmeans_iter, tol=kmeans_tol, u=u_full.gather(1, order.to(u_full.device)[..., None].expand(N, G, K)))
+        km = spherical_kmeans(X, omega, K, max_iter=kmeans_iter, tol=kmeans_tol, sync=sync,
+                              u=u_full.gather(1, order.to(u_full.device)[..., None].expand(N, G, K)))
         nu = class_prototypes(km)
         b = cluster_marginal(km.mu, nu, km.valid, class_mass(Sg, slot, km.valid.any(-1), K, vm), marginal, t)
-        Q, sk = allocate(km.sims, b, eps, rho, allocation, sinkhorn_iter, sinkhorn_tol, vm)
+        Q, sk = allocate(km.sims, b, eps, rho, allocation, sinkhorn_iter, sinkhorn_tol, vm,
+                         method="auto" if sync else sinkhorn_method(eps), sync=sync)
         mu_new = update_prototypes(X, Q)
     with torch.autocast(F.device.type, enabled=False):
         A = prototype_activation(at_least_float32(F).flatten(2), Q, mu_new, G)           # grad only through <f, μ'>
     A = _scatter_classes(A, order, C1)
     cam = normalize_with_background(A[:, 1:].reshape(N, C1 - 1, h, w), labels.to(A.dtype), floor=0.1)
     if vm is not None: cam = cam * vm.view(N, 1, h, w)                                    # padding: zero CAM
-    slots = (order[..., None] * K + torch.arange(K, device=F.device)).view(N, G * K)
-    Qf = Q.new_zeros(N, M, C1 * K).scatter(2, slots[:, None].expand(N, M, G * K), Q)
+    cols = (order[..., None] * K + torch.arange(K, device=F.device)).view(N, G * K)
+    Qf = Q.new_zeros(N, M, C1 * K).scatter(2, cols[:, None].expand(N, M, G * K), Q)
     empty = _scatter_classes(empty, order, C1)
     return POTOutput(cam=cam, Q=Qf, w=Q.view(N, M, G, K).sum(-1).amax(-1).view(N, h, w),
                      mu=_scatter_classes(km.mu, order, C1), mu_new=_scatter_classes(mu_new.view(N, G, K, D), order, C1),
                      nu=_scatter_classes(nu, order, C1), present=present, n_empty=empty[:, 1:].sum(),
                      empty=empty, valid=_scatter_classes(km.valid, order, C1), b=_scatter_classes(b, order, C1),
                      A=A.view(N, C1, h, w), n_iter_kmeans=km.n_iter, n_iter_sinkhorn=sk.n_iter)
+
+# %% ../nbs/07_activation.ipynb #21a0c008
+def _pot_static(F, S, labels, u, valid, slots, **kw) -> dict:
+    "pot_cams(sync=False) with its output as a dict of tensors (what torch.compile returns)."
+    o = pot_cams(F, S, labels, valid=valid, sync=False, slots=slots, u=u, **kw)
+    return {f.name: getattr(o, f.name) for f in fields(o)}
+
+
+class POTHead:
+    "POT steps 1-3 for a training step on a GPU: `pot_cams(sync=False)`, compiled with torch.compile(fullgraph=True) if `compile`."
+    def __init__(self, compile: bool = True, slots: int | None = None, **compile_kw):
+        self.compile, self.slots = compile, slots
+        self.fn = torch.compile(_pot_static, fullgraph=True, dynamic=False, **compile_kw) if compile else _pot_static
+
+    def __call__(self, F: torch.Tensor, S: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
+                 valid: torch.Tensor | None = None, **kw) -> POTOutput:
+        "Same arguments and output as `pot_cams` (keyword parameters: tau, K, eps, rho, marginal, t, ...)."
+        u = kmeans_uniforms((F.shape[0], labels.shape[1] + 1, kw.get("K", 3)), generator)
+        u = u if F.dtype == torch.float64 else u.float()
+        if u.device != F.device:                         # pinned: the copy does not wait for the device
+            u = (u.pin_memory() if F.device.type == "cuda" else u).to(F.device, non_blocking=True)
+        return POTOutput(**self.fn(F, S, labels, u, valid, self.slots, **kw))

@@ -72,7 +72,7 @@ class KMeansResult:
     valid: torch.Tensor      # (N, G, K) bool: the cluster exists
     assign: torch.Tensor     # (N, G, M) long cluster index of each member, -1 for non-members
     sims: torch.Tensor       # (N, G, K, M) <f_p, mu> for every pixel and final centroid (0 where not valid)
-    n_iter: int              # Lloyd iterations of the slowest problem
+    n_iter: int | torch.Tensor   # Lloyd iterations of the slowest problem (a 0-d tensor when `sync=False`)
     converged: torch.Tensor  # (N, G) bool: stopped before max_iter
 
 
@@ -211,7 +211,7 @@ def kmeans_uniforms(shape: tuple, generator: torch.Generator | None = None) -> t
 @float32_no_autocast
 def spherical_kmeans(X: torch.Tensor, omega: torch.Tensor, K: int = 3, generator: torch.Generator | None = None,
                      max_iter: int = 30, tol: float = 1e-4, n_init: int = 1, dup_tol: float = 1e-6,
-                     u: torch.Tensor | None = None, cpu_paths: bool | None = None) -> KMeansResult:
+                     u: torch.Tensor | None = None, cpu_paths: bool | None = None, sync: bool = True) -> KMeansResult:
     "Batched spherical k-means of the members `omega` (N, G, M) of unit points X (N, D, M); k-means++ from `generator` (or `u`)."
     if X.ndim != 3 or omega.ndim != 3 or omega.shape[0] != X.shape[0] or omega.shape[2] != X.shape[2]:
         raise BadInputError(f"X {tuple(X.shape)} and omega {tuple(omega.shape)}; expected X (N, D, M) and omega (N, G, M)")
@@ -221,10 +221,11 @@ def spherical_kmeans(X: torch.Tensor, omega: torch.Tensor, K: int = 3, generator
     if n_init > 1:
         if u is None: u = kmeans_uniforms((N, G * n_init, K), generator)
         return _best_of(spherical_kmeans(X, omega.repeat_interleave(n_init, 1), K, None, max_iter, tol, 1, dup_tol, u,
-                                         cpu_paths), N, G, n_init)
+                                         cpu_paths, sync), N, G, n_init)
     if u is None: u = kmeans_uniforms((N, G, K), generator)
     if u.shape != (N, G, K): raise BadInputError(f"u has shape {tuple(u.shape)}; expected {(N, G, K)} uniforms")
     u = u.to(X.device, X.dtype)
+    if not sync: return _kmeans_static(X, omega, u, max_iter, tol, dup_tol)
     if cpu_paths is None: cpu_paths = X.device.type == "cpu"
     if not cpu_paths: return _kmeans_dense(X, omega, u, max_iter, tol, dup_tol, sparse=False)
     n = omega.sum(-1)
@@ -334,6 +335,47 @@ def _kmeans_dense(X, omega, u, max_iter, tol, dup_tol, with_sims=True, sparse=Tr
         active = active & moved.any(-1) & (shift >= tol)
     if with_sims and bool(stale.any()): sims = _problem_sims(X, mu, stale, sims, sparse)
     sims = sims * valid[..., None]
+    return KMeansResult(mu, sums, counts, valid, assign, sims, n_iter, ~active)
+
+
+def _one_hot(assign, omega, K):
+    "(N, G, K, M) bool: member m of problem (n, g) is in cluster k."
+    return (assign[:, :, None, :] == torch.arange(K, device=assign.device)[:, None]) & omega[:, :, None, :]
+
+
+def _lloyd_iteration(X, omega, mu, valid, assign, sums, counts, active, n_iter, tol: float, dup_tol: float):
+    "One dense Lloyd iteration of every problem, on the device only: stopped problems stay as they are (see `_kmeans_static`)."
+    N, D, M = X.shape; G, K = mu.shape[1:3]
+    n_iter = n_iter + active.any()
+    best, new = torch.bmm(mu.reshape(N, G * K, D), X).view(N, G, K, M).masked_fill(~valid[..., None], -3.0).max(2)
+    new = torch.where(omega & active[..., None], new, assign)
+    new = _reseed_empty(new, best, omega, valid & active[..., None], _one_hot(new, omega, K).sum(-1), dup_tol)   # no-op without empty clusters
+    onehot = _one_hot(new, omega, K)
+    s_new = torch.bmm(onehot.view(N, G * K, M).to(X.dtype), X.transpose(1, 2)).view(N, G, K, D)
+    sums = torch.where(active[..., None, None], s_new, sums)
+    counts = torch.where(active[..., None], onehot.sum(-1), counts)
+    valid = torch.where(active[..., None], valid & (counts > 0), valid)
+    mu_new = Fn.normalize(sums, dim=-1) * valid[..., None]
+    shift = (1 - (mu_new * mu).sum(-1)).masked_fill(~valid, 0).amax(-1)
+    mu = torch.where(active[..., None, None], mu_new, mu)
+    active = active & (new != assign).any(-1) & (shift >= tol)
+    return mu, valid, new, sums, counts, active, n_iter
+
+
+_lloyd_step = torch.compiler.nested_compile_region(_lloyd_iteration)   # traced and compiled once, called max_iter times
+
+
+def _kmeans_static(X, omega, u, max_iter, tol, dup_tol) -> KMeansResult:
+    "Lloyd iterations with fixed shapes and count, nothing read on the host: `max_iter` iterations, converged problems frozen."
+    N, D, M = X.shape; G, K = u.shape[1:]
+    mu, valid = kmeanspp_init(X, omega, u, dup_tol, sparse=False)
+    assign = torch.full((N, G, M), -1, dtype=torch.long, device=X.device)
+    sums, counts = X.new_zeros(N, G, K, D), torch.zeros(N, G, K, dtype=torch.long, device=X.device)
+    active, n_iter = omega.any(-1), torch.zeros((), dtype=torch.long, device=X.device)
+    for _ in range(max_iter):
+        mu, valid, assign, sums, counts, active, n_iter = _lloyd_step(X, omega, mu, valid, assign, sums, counts, active, n_iter,
+                                                                      tol, dup_tol)
+    sims = torch.bmm(mu.reshape(N, G * K, D), X).view(N, G, K, M) * valid[..., None]
     return KMeansResult(mu, sums, counts, valid, assign, sims, n_iter, ~active)
 
 

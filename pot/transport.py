@@ -62,6 +62,37 @@ def sinkhorn_method(eps: float, cost_range: float = 2.0) -> str:
     return "kernel" if cost_range / eps <= 50 else "lse"
 
 
+def _row(be, W, loga, kernel: bool):
+    "α = log a − LSE_j(β_j − C_ij/ε); W is the shifted kernel exp(-(C - C_min)/ε) ('kernel') or C/ε ('lse')."
+    if not kernel: return loga - torch.logsumexp(be[:, None] - W, 2)
+    m = be.amax(-1, keepdim=True)
+    return loga - m - torch.bmm(W, (be - m).exp()[..., None])[..., 0].log()
+
+
+def _col(al, W, logb, phi: float, kernel: bool):
+    "β = φ (log b − LSE_i(α_i − C_ij/ε))."
+    if not kernel: return phi * (logb - torch.logsumexp(al[..., None] - W, 1))
+    m = al.amax(-1, keepdim=True)
+    return phi * (logb - m - torch.bmm((al - m).exp()[:, None], W)[:, 0].log())
+
+
+def _plan(al, be, W, kernel: bool):
+    return al.exp()[..., None] * W * be.exp()[:, None] if kernel else torch.exp(al[..., None] + be[:, None] - W)
+
+
+def _sinkhorn_iteration(al, be, T, err, active, n_run, W, loga, logb, inv_a, phi: float, tol: float, kernel: bool):
+    "One column and one row update of the active problems, their plans and the L1 change of Q; stopped problems stay frozen."
+    n_run = n_run + active.any()
+    be = torch.where(active[:, None], _col(al, W, logb, phi, kernel), be)
+    al = torch.where(active[:, None], _row(be, W, loga, kernel), al)
+    Tn = _plan(al, be, W, kernel)
+    err = torch.where(active, ((Tn - T).abs().sum(2) * inv_a).sum(1), err)     # L1 change of Q = T / a
+    return al, be, Tn, err, active & (err >= tol), n_run
+
+
+_sinkhorn_step = torch.compiler.nested_compile_region(_sinkhorn_iteration)   # traced and compiled once, called n_iter times
+
+
 @float32_no_autocast
 def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float = 0.1, rho: float | None = 0.1,
              n_iter: int = 100, tol: float = 1e-3, method: str = "auto", sync: bool = True) -> SinkhornResult:
@@ -86,34 +117,18 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float = 
     cost = torch.where(rows[..., None], cost, cmin)                # padded rows: any finite cost, their a = 0 zeroes them
     if method == "auto":
         method = "kernel" if float(((cost.amax((1, 2), keepdim=True) - cmin) / eps).max()) <= 50 else "lse"
-    if method == "kernel":
-        Kt = torch.exp((cmin - cost) / eps)
-        def row(be):
-            m = be.amax(-1, keepdim=True)
-            return loga - m - torch.bmm(Kt, (be - m).exp()[..., None])[..., 0].log()
-        def col(al):
-            m = al.amax(-1, keepdim=True)
-            return phi * (logb - m - torch.bmm((al - m).exp()[:, None], Kt)[:, 0].log())
-        def plan(al, be): return al.exp()[..., None] * Kt * be.exp()[:, None]
-    else:
-        Cs = cost / eps
-        def row(be): return loga - torch.logsumexp(be[:, None] - Cs, 2)
-        def col(al): return phi * (logb - torch.logsumexp(al[..., None] - Cs, 1))
-        def plan(al, be): return torch.exp(al[..., None] + be[:, None] - Cs)
+    kernel = method == "kernel"
+    W = torch.exp((cmin - cost) / eps) if kernel else cost / eps
     be = torch.zeros_like(logb)
-    al = row(be); T = plan(al, be)
+    al = _row(be, W, loga, kernel); T = _plan(al, be, W, kernel)
     err = torch.full((B,), math.inf, dtype=cost.dtype, device=cost.device)
     active = torch.ones(B, dtype=torch.bool, device=cost.device)
-    it, n_run = 0, torch.zeros((), dtype=torch.long, device=cost.device)
-    for it in range(1, n_iter + 1):
-        if not sync: n_run = n_run + active.any()
-        be = torch.where(active[:, None], col(al), be)
-        al = torch.where(active[:, None], row(be), al)
-        Tn = plan(al, be)
-        err = torch.where(active, ((Tn - T).abs().sum(2) * inv_a).sum(1), err)     # L1 change of Q = T / a
-        T, active = Tn, active & (err >= tol)
+    n_run = torch.zeros((), dtype=torch.long, device=cost.device)
+    step = _sinkhorn_iteration if sync else _sinkhorn_step
+    for it in range(n_iter):                                       # sync=False: all n_iter, converged problems frozen
+        al, be, T, err, active, n_run = step(al, be, T, err, active, n_run, W, loga, logb, inv_a, phi, tol, kernel)
         if sync and not bool(active.any()): break
-    return SinkhornResult(T * has[:, None, None], it if sync else n_run, err, method)
+    return SinkhornResult(T * has[:, None, None], int(n_run) if sync else n_run, err, method)
 
 # %% ../nbs/06_transport.ipynb #cb77d2a4
 def allocate(sims: torch.Tensor, b: torch.Tensor, eps: float = 0.1, rho: float | None = 0.1, allocation: str = "joint",
