@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import BadInputError, POTConfig, load_npz, save_npz, save_json, load_json, resolve_device, keep_freed_memory
+from .core import BadInputError, POTConfig, file_sha256, load_npz, save_npz, save_json, load_json, resolve_device, keep_freed_memory
 from .cluster import normalize_with_background
 from .activation import pot_cams
 from .data import load_dataset, InferDataset
@@ -21,9 +22,9 @@ from .metrics import CAMEvaluator
 from . import viz
 
 # %% auto #0
-__all__ = ['MAP_KEYS', 'SUMMARY_ROWS', 'DEMO_ROWS', 'max_normalize', 'fuse_with_clip', 'batch_cams', 'cam_path', 'infer_cams',
-           'load_cams', 'evaluate_cams', 'baseline_config', 'add_baseline', 'summary_table', 'per_class_table',
-           'print_summary', 'train_and_evaluate']
+__all__ = ['MAP_KEYS', 'CAM_SETTINGS', 'SUMMARY_ROWS', 'DEMO_ROWS', 'max_normalize', 'fuse_with_clip', 'batch_cams', 'cam_path',
+           'cam_settings', 'infer_cams', 'load_cams', 'evaluate_cams', 'baseline_config', 'add_baseline',
+           'summary_table', 'per_class_table', 'print_summary', 'train_and_evaluate']
 
 # %% ../nbs/11_cams.ipynb #317290ae
 MAP_KEYS = ("cls", "pot", "pot_k1", "final")
@@ -84,16 +85,26 @@ def cam_path(run_dir, name: str) -> Path:
     return Path(run_dir) / "cams" / f"{name}.npz"
 
 
-def _complete(path: Path) -> bool:
-    "True when `path` is a readable CAM file with every map (a torn file from a killed run is not)."
-    if not path.is_file(): return False
-    try: load_npz(path, required=("keys", *MAP_KEYS)); return True
-    except BadInputError: return False
+CAM_SETTINGS = ("cam_scales", "pot_scales", "beta_fuse", "tau", "K", "eps", "rho", "marginal", "t", "seed_source", "seed_dir",
+                "seed")
+
+
+def cam_settings(cfg: POTConfig, run_dir) -> str:
+    "JSON of what makes a run's CAM files: the `CAM_SETTINGS` fields of `cfg` and the SHA-256 of the run's `ckpt/final.pt`."
+    d = {k: getattr(cfg, k) for k in CAM_SETTINGS}
+    return json.dumps(dict(d, checkpoint_sha256=file_sha256(Path(run_dir) / "ckpt" / "final.pt")), sort_keys=True)
+
+
+def _cam_file_settings(path: Path) -> str | None:
+    "The settings a CAM file was made with; None for a missing or torn file (or one written before files recorded them)."
+    if not path.is_file(): return None
+    try: return str(load_npz(path, required=("keys", "settings", *MAP_KEYS))["settings"])
+    except BadInputError: return None
 
 
 def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, device: str = "auto",
                Ks: tuple = (1,), batch: int = 8, limit: int | None = None) -> Path:
-    "Write multi-scale CAMs (cls, pot, pot_k1, final) of every image of `split` into `run_dir/cams/`; resumable."
+    "Write multi-scale CAMs (cls, pot, pot_k1, final) of every image of `split` into `run_dir/cams/`; resumable, and remade where a file records other settings."
     from pot.train import load_trained
     model, cfg = load_trained(run_dir)
     model.to(resolve_device(device), memory_format=torch.channels_last).eval()   # NHWC: see 'Speed' in 11_cams
@@ -107,7 +118,8 @@ def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, 
         if not cfg.seed_dir: raise BadInputError("seed_source='clip-es' needs seed_dir (the CLIP-ES cache folder)")
         seeds = lambda i, size: torch.from_numpy(load_seed_cam(cfg.seed_dir, ds.name(i), ds.labels(i), size))
     n = len(ds) if limit is None else min(limit, len(ds))
-    todo = [i for i in range(n) if not _complete(cam_path(run_dir, ds.name(i)))]
+    settings = cam_settings(cfg, run_dir)
+    todo = [i for i in range(n) if _cam_file_settings(cam_path(run_dir, ds.name(i))) != settings]
     by_size = {}
     for i in todo: by_size.setdefault(ds.image_size(i), []).append(i)
     chunks = [idx[j:j + batch] for idx in by_size.values() for j in range(0, len(idx), batch)]
@@ -123,7 +135,7 @@ def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, 
             final = fuse_with_clip(seed.to(m["pot"].device), m["pot"], cfg.beta_fuse) if seed is not None else m["pot"]
             for b, i in enumerate(chunk):
                 keys = labels[b].nonzero().flatten().to(m["pot"].device)
-                save_npz(cam_path(run_dir, ds.name(i)), keys=(keys + 1).cpu().numpy().astype(np.int64),
+                save_npz(cam_path(run_dir, ds.name(i)), keys=(keys + 1).cpu().numpy().astype(np.int64), settings=np.array(settings),
                          final=final[b, keys].cpu().numpy().astype(np.float16),
                          **{k: m[k][b, keys].cpu().numpy().astype(np.float16) for k in ("cls", "pot", "pot_k1")})
             bar.update(len(chunk))
@@ -145,12 +157,16 @@ def evaluate_cams(run_dir, split: str | None = None, data_root: str | None = Non
     ds = load_dataset(cfg.dataset, data_root or cfg.data_root, split)
     names = ["background", *ds.classes]
     evs = {w: CAMEvaluator(len(names), class_names=names) for w in which}
+    settings = cam_settings(cfg, run_dir)
     for i in tqdm(range(len(ds)), desc=f"eval CAMs {split}"):
         gt = ds.mask(i)
         if gt is None: raise BadInputError(f"split {split!r} of {ds.root} has no ground-truth mask for {ds.name(i)}")
         path = cam_path(run_dir, ds.name(i))
         if not path.is_file(): raise BadInputError(f"{path}: missing CAM file for image {ds.name(i)}; run infer_cams first")
         z = load_npz(path, required=("keys", *which))
+        if "settings" not in z or str(z["settings"]) != settings:
+            raise BadInputError(f"{path}: CAMs made with other settings than the run's config.json ({CAM_SETTINGS} and the "
+                                f"checkpoint); run infer_cams({str(run_dir)!r}) to remake them")
         expected = np.flatnonzero(ds.labels(i)) + 1
         if not np.array_equal(np.sort(z["keys"]), expected):
             raise BadInputError(f"{path}: CAM classes {z['keys'].tolist()} differ from the image labels {expected.tolist()}")
@@ -178,7 +194,7 @@ def evaluate_cams(run_dir, split: str | None = None, data_root: str | None = Non
         name = {"cls": "classifier"}.get(w, w)
         metrics["cam_miou"][name] = r["miou"]
         metrics["cam_eval"][name] = r
-    metrics["cam_split"] = split
+    metrics["cam_split"], metrics["cam_settings"] = split, json.loads(settings)
     save_json(metrics_path, metrics)
     return metrics
 

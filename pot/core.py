@@ -9,6 +9,7 @@ import contextlib
 import ctypes
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import platform
@@ -26,7 +27,7 @@ import torch
 # %% auto #0
 __all__ = ['PAPER_CAM_SCALES', 'BadInputError', 'check_finite', 'JSONConfig', 'POTConfig', 'seed_everything', 'resolve_device',
            'keep_freed_memory', 'atomic_write', 'save_json', 'load_json', 'append_jsonl', 'read_jsonl', 'save_npz',
-           'load_npz', 'save_checkpoint', 'load_checkpoint', 'git_commit', 'env_info']
+           'load_npz', 'save_checkpoint', 'file_sha256', 'load_checkpoint', 'git_commit', 'env_info']
 
 # %% ../nbs/00_core.ipynb #421e819a
 class BadInputError(ValueError):
@@ -249,6 +250,14 @@ def save_checkpoint(path, state: dict) -> Path:
     "`torch.save` a state dict atomically."
     with atomic_write(path) as f: torch.save(state, f)
     return Path(path)
+
+
+def file_sha256(path) -> str:
+    "SHA-256 of a file's bytes (hex), read in 1 MiB chunks: what a later stage records of the file it was made from."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
+    return h.hexdigest()
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import hashlib
 import multiprocessing as mp
 import os
 import re
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import BadInputError, JSONConfig, load_checkpoint, load_json, resolve_device, keep_freed_memory, save_json
+from .core import BadInputError, JSONConfig, file_sha256, load_checkpoint, load_json, resolve_device, keep_freed_memory, save_json
 from .crf import check_crf_params, crf_inference, default_workers, label_png_ok
 from .data import IGNORE, InferDataset, TrainDataset, load_dataset, read_mask
 from .metrics import SegEvaluator
@@ -324,13 +323,6 @@ def predict_probs(model: nn.Module, imgs: list, size: tuple, flip: bool = True, 
     return acc / (len(imgs) * (2 if flip else 1))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
-    return h.hexdigest()
-
-
 def _crf_write(args: tuple) -> str:
     "Pool task: DenseCRF of (image, probs) written as the palette PNG `path`; returns the path."
     img, probs, path, params = args
@@ -355,7 +347,7 @@ def infer_segmentation(run_dir, split: str = "val", scales=DEFAULT_TEST_SCALES, 
     ds = load_dataset(cfg.dataset, data_root or cfg.data_root, split)
     inf = InferDataset(ds, scales)
     out = run_dir / "pred" / split
-    params = dict(checkpoint_sha256=_sha256(run_dir / "ckpt" / "final.pt"), scales=list(scales), flip=bool(flip), crf=crf_p)
+    params = dict(checkpoint_sha256=file_sha256(run_dir / "ckpt" / "final.pt"), scales=list(scales), flip=bool(flip), crf=crf_p)
     n = len(ds) if limit is None else min(limit, len(ds))
     kinds = ("raw", "crf") if crf else ("raw",)
     pfile = out / "params.json"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import multiprocessing as mp
 import os
 import sys
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import BadInputError, JSONConfig, load_checkpoint, load_json, resolve_device, keep_freed_memory, save_json
+from .core import BadInputError, JSONConfig, file_sha256, load_checkpoint, load_json, resolve_device, keep_freed_memory, save_json
 from .crf import (CRF_PRESETS, label_png_ok, run_source, check_crf_params, crf_inference, default_workers,
                      label_probs, read_image_cams)
 from .data import TrainDataset, load_dataset, normalize_image
@@ -573,13 +572,6 @@ def irn_label(edge: torch.Tensor, cams, keys, beta: float = 10.0, exp_times: int
     return np.concatenate([[0], keys])[scores.argmax(0).cpu().numpy()].astype(np.uint8)
 
 # %% ../nbs/14_irn.ipynb #321cce70
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""): h.update(chunk)
-    return h.hexdigest()
-
-
 def make_irn_labels(run_dir, split: str | None = None, which: str = "final", beta: float = 10.0, exp_times: int = 8,
                     radius: float = 5, sem_seg_bg_thres: float = 0.25, method: str = "sparse", device: str = "auto",
                     out=None, dataset: str | None = None, data_root: str | None = None, limit: int | None = None,
@@ -597,7 +589,7 @@ def make_irn_labels(run_dir, split: str | None = None, which: str = "final", bet
     model, _ = load_irn(run_dir, map_location=dev)
     model.to(dev)
     params = dict(method="irn", which=which, beta=float(beta), exp_times=int(exp_times), radius=float(radius),
-                  sem_seg_bg_thres=float(sem_seg_bg_thres), irn_checkpoint_sha256=_sha256(run_dir / "irn" / "ckpt" / "final.pt"))
+                  sem_seg_bg_thres=float(sem_seg_bg_thres), irn_checkpoint_sha256=file_sha256(run_dir / "irn" / "ckpt" / "final.pt"))
     n = len(ds) if limit is None else min(limit, len(ds))
     _check_cam_files(run_dir, ds, n, split)
     _prepare_out(out, params, [ds.name(i) for i in range(n)], overwrite)

@@ -148,7 +148,8 @@ def set_rng_state(state: dict) -> None:
     if "cuda" in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
 
 # %% ../nbs/10_train.ipynb #17aa8044
-RUNTIME_FIELDS = ("device", "num_workers", "eval_split", "cam_scales", "pot_scales", "beta_fuse", "log_every", "ckpt_every")
+RUNTIME_FIELDS = ("device", "num_workers", "eval_split", "cam_scales", "pot_scales", "beta_fuse", "log_every", "ckpt_every",
+                  "out_dir")   # a run folder may be moved
 
 
 def check_same_config(stored: dict, cfg: POTConfig, run_dir) -> None:
@@ -159,6 +160,15 @@ def check_same_config(stored: dict, cfg: POTConfig, run_dir) -> None:
         details = ", ".join(f"{k}: {stored.get(k)!r} → {new.get(k)!r}" for k in diff)
         raise BadInputError(f"{run_dir}/config.json was trained with other parameters ({details}); "
                             f"use resume=False (--no-resume) to start over or choose another out_dir")
+
+
+def _load_own_checkpoint(path: Path, cfg, run_dir, map_location="cpu") -> dict:
+    "A checkpoint of this run, or an error saying how to start over when it is torn or belongs to other parameters."
+    try: state = load_checkpoint(path, map_location=map_location)
+    except BadInputError as e:
+        raise BadInputError(f"{e}; the run was interrupted while writing it: start over with resume=False (--no-resume)") from None
+    check_same_config(state.get("config", {}), cfg, run_dir)
+    return state
 
 # %% ../nbs/10_train.ipynb #c7f72a0e
 def clip_seed_loader(seed_dir, ds):
@@ -238,12 +248,17 @@ def fit(out, cfg, build: Callable, step_losses: Callable, *, desc: str = "train"
     try:
         if resume and (out / "config.json").exists():
             check_same_config(load_json(out / "config.json")["config"], cfg, out)
-        if resume and final.exists(): return out
+        if resume and final.exists():
+            _load_own_checkpoint(final, cfg, out)
+            prev = load_json(out / "config.json") if (out / "config.json").exists() else {}
+            if rank == 0: save_json(out / "config.json", {**prev, "config": cfg.to_dict()})
+            _barrier(world)
+            return out
         if rank == 0 and not resume:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
             (out / "metrics.jsonl").unlink(missing_ok=True)
         _barrier(world)
-        start = load_checkpoint(last, map_location=device) if resume and last.exists() else None
+        start = _load_own_checkpoint(last, cfg, out, device) if resume and last.exists() else None
         seed_everything(cfg.seed)
         model, optimizer, tds = build(start, device)
         steps_per_epoch = len(epoch_batches(len(tds), cfg.batch_size, 0, cfg.seed))

@@ -87,6 +87,23 @@ def test_run_folder_contents(reference):
     assert cfg2 == cfg and model.num_classes == 6 and not model.training
 
 
+def test_finished_run_is_verified_and_takes_runtime_fields(reference, tmp_path):
+    "A truncated final.pt is not a finished run, a torn last.pt says how to start over (regressions); a copied run folder is the same run."
+    import shutil
+    from pot.train import train
+    moved = tmp_path / "moved"
+    shutil.copytree(reference["out_dir"], moved)
+    cfg = POTConfig(**dict(reference, out_dir=str(moved), cam_scales=[1.0, 0.5], pot_scales=[0.5]))
+    assert train(cfg) == moved                                  # another out_dir and other inference scales: the same run
+    assert load_json(moved / "config.json")["config"]["pot_scales"] == [0.5]     # what this call asked for
+    final = moved / "ckpt" / "final.pt"
+    final.write_bytes(final.read_bytes()[:2000])                # torn: used to be reported as finished (exit 0)
+    with pytest.raises(BadInputError, match=r"final.pt.*resume=False \(--no-resume\)"): train(cfg)
+    final.unlink()
+    (moved / "ckpt" / "last.pt").write_bytes(b"torn")
+    with pytest.raises(BadInputError, match=r"last.pt.*resume=False \(--no-resume\)"): train(cfg)
+
+
 def test_two_processes_match_one(toy, tmp_path):
     """2 gloo processes with 2 images each vs 1 process with the global batch of 4, 6 steps, with the paper's recipe.
 
