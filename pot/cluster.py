@@ -362,7 +362,7 @@ def _lloyd_iteration(X, omega, mu, valid, assign, sums, counts, active, n_iter, 
     return mu, valid, new, sums, counts, active, n_iter
 
 
-_lloyd_step = torch.compiler.nested_compile_region(_lloyd_iteration)   # traced and compiled once, called max_iter times
+_lloyd_step = getattr(torch.compiler, "nested_compile_region", lambda f: f)(_lloyd_iteration)   # compiled once, called max_iter times
 
 
 def _kmeans_static(X, omega, u, max_iter, tol, dup_tol) -> KMeansResult:

@@ -90,7 +90,7 @@ def _sinkhorn_iteration(al, be, T, err, active, n_run, W, loga, logb, inv_a, phi
     return al, be, Tn, err, active & (err >= tol), n_run
 
 
-_sinkhorn_step = torch.compiler.nested_compile_region(_sinkhorn_iteration)   # traced and compiled once, called n_iter times
+_sinkhorn_step = getattr(torch.compiler, "nested_compile_region", lambda f: f)(_sinkhorn_iteration)   # compiled once, called n_iter times
 
 
 @float32_no_autocast
