@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test check-sync nbtest pytest export demo seeds seeds-photo docs pipeline ablation cost figures segmentation bench-deeplab
+.PHONY: venv test check-sync nbtest pytest export demo seeds seeds-photo docs pipeline ablation cost figures segmentation bench-deeplab bench-gpu
 
 venv: $(STAMP)
 
@@ -85,3 +85,7 @@ segmentation: venv
 ## ResNet-101 DeepLabV2 training step time, batch 10, 321x321 (CPU, or CUDA when present)
 bench-deeplab: venv
 	$(PY) bench/deeplab_step.py $(ARGS)
+
+## on a CUDA machine: POT step (network vs head, eager vs compiled), CLIP-ES, DeepLabV2 step, peak memory -> bench-gpu/gpu.json (POT_BENCH_CPU=1: tiny CPU run)
+bench-gpu:
+	bash bench/gpu.sh

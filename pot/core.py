@@ -97,7 +97,9 @@ class POTConfig(JSONConfig):
     weight_decay: float = 1e-4
     grad_clip: float | None = 10.0   # max gradient norm (None: no clipping)
     amp: bool = True                 # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU runs float32
-    detach_side: bool = False        # True: side projections do not backpropagate into the ResNet (SIPE's choice)
+    compile_head: bool = True        # CUDA: the static, sync-free POT head compiled with torch.compile (07_activation); False = eager
+    detach_side: bool = False        # True: side projections do not backpropagate into the encoder (SIPE's choice)
+    detach_pot: bool = True          # A^pot is a fixed target of L_con, no L_con gradient reaches F (10_train); voc/coco: False
     ckpt_every: int = 50             # steps between resumable checkpoints (ckpt/last.pt)
     log_every: int = 10              # steps between lines of metrics.jsonl
     num_workers: int = 0
@@ -138,11 +140,11 @@ class POTConfig(JSONConfig):
             "toyvoc": {},
             "voc": dict(dataset="voc", data_root="data/VOC2012", train_split="train_aug", backbone="resnet50",
                         pretrained=None, feature_stride=16, crop=512, batch_size=16, epochs=5, lr=0.1, optimizer="sgd",
-                        con_warmup=0.0, con_ramp=0.0,
+                        con_warmup=0.0, con_ramp=0.0, detach_pot=False,
                         cam_scales=PAPER_CAM_SCALES),
             "coco": dict(dataset="coco", data_root="data/COCO2014", train_split="train", backbone="resnet50",
                          pretrained=None, feature_stride=16, crop=512, batch_size=16, epochs=5, lr=0.1, optimizer="sgd",
-                         con_warmup=0.0, con_ramp=0.0,
+                         con_warmup=0.0, con_ramp=0.0, detach_pot=False,
                          cam_scales=PAPER_CAM_SCALES),
         }
         if name not in presets: raise BadInputError(f"unknown preset {name!r}; expected one of {tuple(presets)}")

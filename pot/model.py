@@ -29,8 +29,9 @@ BACKBONES = (*RESNETS, "tf_efficientnet_lite0")
 def build_encoder(name: str = "resnet50", output_stride: int = 16, out_indices: tuple = (1, 2, 3, 4)) -> nn.Module:
     "A randomly initialised timm encoder `name` (features only) at `output_stride`; calling it returns the maps of `out_indices`."
     if name not in BACKBONES: raise BadInputError(f"backbone={name!r}; expected one of {BACKBONES}")
+    init = dict(zero_init_last=False) if name in RESNETS else {}   # a random ResNet starts as torchvision's does
     return timm.create_model(name, pretrained=False, features_only=True, output_stride=output_stride,
-                             out_indices=tuple(out_indices))
+                             out_indices=tuple(out_indices), **init)
 
 
 def stage_channels(encoder: nn.Module) -> tuple[int, ...]:

@@ -25,7 +25,7 @@ from .core import (BadInputError, POTConfig, seed_everything, resolve_device, ke
                       append_jsonl, read_jsonl, atomic_write, save_checkpoint, load_checkpoint, env_info, check_finite)
 from .model import POTNet, param_groups, calibrate_bn, resize
 from .cluster import normalize_with_background
-from .activation import pot_cams
+from .activation import POTHead, pot_cams
 from .loss import consistency_loss, classification_loss
 from .data import load_dataset, TrainDataset
 
@@ -62,8 +62,8 @@ def global_weight_share(w: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
 
 def pot_step_losses(out: dict, labels: torch.Tensor, valid: torch.Tensor, cfg: POTConfig,
                     seed: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                    lambda_con: float | None = None) -> dict:
-    "Losses of one step from the network outputs `out`: dict(loss, loss_cls, loss_con, n_empty) (METHOD.md §3); λ = `lambda_con` (default cfg's)."
+                    lambda_con: float | None = None, head: Callable = pot_cams) -> dict:
+    "Losses of one step from the network outputs `out`: dict(loss, loss_cls, loss_con, n_empty) (METHOD.md §3); λ = `lambda_con` (default cfg's), POT by `head`."
     lam = cfg.lambda_con if lambda_con is None else lambda_con
     logits = out["logits"].float()
     loss_cls = classification_loss(logits, labels)
@@ -79,13 +79,13 @@ def pot_step_losses(out: dict, labels: torch.Tensor, valid: torch.Tensor, cfg: P
     else:
         if seed is None: raise BadInputError("seed_source='clip-es' but the batch has no 'seed' maps; build TrainDataset with seed_cams")
         S = seeds_on_grid(seed, labels, grid, vgrid)
-    pot = pot_cams(feats, S.detach(), labels, tau=cfg.tau, K=cfg.K, eps=cfg.eps, rho=cfg.rho,
+    pot = head(feats, S.detach(), labels, tau=cfg.tau, K=cfg.K, eps=cfg.eps, rho=cfg.rho,
                    marginal=cfg.marginal, t=cfg.t, generator=generator, valid=vgrid)
     w = pot.w
-    loss_con = consistency_loss(pot.cam, A_cls, w, pot.present)
+    loss_con = consistency_loss(pot.cam.detach() if cfg.detach_pot else pot.cam, A_cls, w, pot.present)
     if dist.is_initialized() and dist.get_world_size() > 1: loss_con = loss_con * global_weight_share(w, pot.present)
     return dict(loss=loss_cls + lam * loss_con, loss_cls=loss_cls, loss_con=loss_con,
-                n_empty=int(pot.n_empty))
+                n_empty=pot.n_empty)   # a tensor: no host sync before backward
 
 # %% ../nbs/10_train.ipynb #39433aa0
 def epoch_batches(n: int, batch_size: int, epoch: int, seed: int = 0, rank: int = 0, world: int = 1) -> list[list[int]]:
@@ -149,7 +149,7 @@ def set_rng_state(state: dict) -> None:
 
 # %% ../nbs/10_train.ipynb #17aa8044
 RUNTIME_FIELDS = ("device", "num_workers", "eval_split", "cam_scales", "pot_scales", "beta_fuse", "log_every", "ckpt_every",
-                  "out_dir")   # a run folder may be moved
+                  "out_dir", "compile_head")   # a run folder may be moved; the compiled head computes what the eager one does
 
 
 def check_same_config(stored: dict, cfg: POTConfig, run_dir) -> None:
@@ -331,10 +331,11 @@ def fit(out, cfg, build: Callable, step_losses: Callable, *, desc: str = "train"
 # %% ../nbs/10_train.ipynb #7210291f
 def train(cfg: POTConfig, resume: bool = True) -> Path:
     "Train POT as `cfg` says into the run folder `cfg.out_dir` (resuming from its last checkpoint); return the folder."
-    steps_per_epoch = None
+    steps_per_epoch, head = None, pot_cams
 
     def build(start, device):
-        nonlocal steps_per_epoch
+        nonlocal steps_per_epoch, head
+        if device.type == "cuda": head = POTHead(compile=cfg.compile_head)   # static shapes, no host sync (07_activation)
         ds, tds = _build_data(cfg)
         steps_per_epoch = len(epoch_batches(len(tds), cfg.batch_size, 0, cfg.seed))
         model = POTNet(cfg.backbone, ds.num_classes, cfg.feature_stride, cfg.pretrained,
@@ -354,11 +355,11 @@ def train(cfg: POTConfig, resume: bool = True) -> Path:
         lam = con_weight(cfg, step / steps_per_epoch)
         out = net(img, features=lam != 0)                # no features, no POT head while L_con is off
         with torch.autocast(img.device.type, enabled=False):
-            losses = pot_step_losses(out, batch["label"], batch["valid"], cfg, batch.get("seed"), gen, lambda_con=lam)
+            losses = pot_step_losses(out, batch["label"], batch["valid"], cfg, batch.get("seed"), gen, lambda_con=lam, head=head)
         return dict(losses, lambda_con=lam)
 
     return fit(cfg.out_dir, cfg, build, step_losses, desc=f"train {Path(cfg.out_dir).name}", resume=resume,
-               find_unused=cfg.lambda_con == 0 or cfg.con_warmup > 0)
+               find_unused=cfg.lambda_con == 0 or cfg.con_warmup > 0 or cfg.detach_pot)
 
 # %% ../nbs/10_train.ipynb #a46dfd76
 def finished_run(out, config_cls, hint: str, map_location="cpu") -> tuple:

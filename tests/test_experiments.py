@@ -27,7 +27,7 @@ def test_cost_ablation_figures(tmp_path):
     nb = run_nb("cost", tmp_path, quick=True, out_root=str(root), base=base)
     md = (root / "cost.md").read_text()
     assert "classifier CAM (baseline)" in md and "POT (K=3)" in md and "single prototype (K=1)" in md
-    baseline = load_json(root / "tau0.7_K3_lambda_con0.0" / "config.json")["config"]
+    baseline = load_json(root / "baseline_seed0" / "config.json")["config"]
     assert baseline["lambda_con"] == 0.0
 
     nb = run_nb("ablation", tmp_path, quick=True, out_root=str(root), base=base)
@@ -37,9 +37,11 @@ def test_cost_ablation_figures(tmp_path):
     assert df[["classifier", "pot", "pot_k1"]].apply(lambda c: c.between(0, 100)).all().all()
     assert (root / "figures" / "ablation_tau_K.png").stat().st_size > 10_000
     assert "best τ at K=3" in outputs_text(nb)
+    assert df.baseline.nunique() == 1                                              # one shared baseline per seed
+    assert "POT − baseline (paired)" in (root / "seeds.md").read_text()
 
     run_nb("figures", tmp_path, quick=True, out_root=str(root), base=base, n_images=2)
     assert (root / "figures" / "qualitative_train.png").stat().st_size > 10_000
-    for run in ("tau0.7_K3_lambda_con0.0", "tau0.7_K3"):
+    for run in ("baseline_seed0", "tau0.7_K3"):
         m = load_json(root / run / "metrics.json")
         assert 0 <= m["pseudo_label_miou"]["crf"] <= 100

@@ -18,7 +18,7 @@ from pot.core import BadInputError, POTConfig, load_checkpoint, load_json, read_
 
 RUNNER = "import sys; from pot.train import train_cli; train_cli(sys.argv[1:])"
 TINY = dict(backbone="resnet18", pretrained=None, crop=64, batch_size=4, feature_stride=8, epochs=2, lr=0.01, K=3, lambda_con=1.0,
-            con_warmup=0.0, con_ramp=0.0,
+            con_warmup=0.0, con_ramp=0.0, detach_pot=False,
             ckpt_every=4, log_every=1, num_workers=0, device="cpu")
 
 

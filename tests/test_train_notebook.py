@@ -14,7 +14,7 @@ NB = ROOT / "nbs" / "train.ipynb"
 
 def test_parameters_match_config():
     params = check_parameters_match(NB, POTConfig)
-    assert set(params) - {f.name for f in dataclasses.fields(POTConfig)} == {"toyvoc"}
+    assert set(params) - {f.name for f in dataclasses.fields(POTConfig)} == {"toyvoc", "baseline", "baseline_dir"}
 
 
 def test_train_notebook_runs(tmp_path):
@@ -22,13 +22,17 @@ def test_train_notebook_runs(tmp_path):
     pm.execute_notebook(
         str(NB), str(tmp_path / "train.ipynb"), kernel_name="python3", cwd=str(ROOT), progress_bar=False,
         parameters=dict(data_root=str(tmp_path / "toy"), out_dir=str(out), epochs=1, batch_size=4, crop=64,
-                        feature_stride=8, cam_scales=[1.0, 0.5], log_every=2, device="cpu",
+                        feature_stride=8, cam_scales=[1.0, 0.5], log_every=2, device="cpu", con_warmup=0.5, con_ramp=0.0,
                         toyvoc=dict(n_train=12, n_val=0, size=64)))
     metrics = load_json(out / "metrics.json")
     assert metrics["cam_split"] == "train"
-    for name in ("classifier", "pot_k1", "pot"):
+    for name in ("baseline", "classifier", "pot_k1", "pot"):
         assert 0.0 <= metrics["cam_miou"][name] <= 100.0
         assert metrics["cam_eval"][name]["n_images"] == 12
+    assert metrics["baseline_run"] == str(out / "baseline")
+    assert load_json(out / "baseline" / "config.json")["config"]["lambda_con"] == 0.0
+    log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert log[0]["lambda_con"] == 0.0 and log[-1]["lambda_con"] == POTConfig().lambda_con and log[-1]["loss_con"] > 0
     assert len(list((out / "cams").glob("*.npz"))) == 12
     assert (out / "figures" / "cam_overlays_train.png").is_file()
     assert (out / "ckpt" / "final.pt").is_file() and (out / "config.json").is_file()
