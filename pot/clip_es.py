@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .core import BadInputError, env_info, load_checkpoint, load_json, load_npz, resolve_device, keep_freed_memory
+from .core import BadInputError, cli_main, env_info, load_checkpoint, load_json, load_npz, resolve_device, keep_freed_memory
 from .core import save_checkpoint, save_json, save_npz
 
 # %% auto #0
@@ -789,7 +789,7 @@ def clip_cams_main(argv: Sequence[str] | None = None) -> dict | Path:
     return s
 
 
+@cli_main
 def clip_cams_cli(argv: Sequence[str] | None = None) -> None:
     "Console script `pot-clip-cams`: fill (and optionally evaluate) a CLIP-ES cache, or convert OpenAI's checkpoint."
-    try: clip_cams_main(argv)
-    except BadInputError as e: raise SystemExit(f"pot-clip-cams: error: {e}") from None
+    clip_cams_main(argv)

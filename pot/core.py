@@ -25,13 +25,26 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PAPER_CAM_SCALES', 'BadInputError', 'check_finite', 'JSONConfig', 'POTConfig', 'seed_everything', 'resolve_device',
-           'keep_freed_memory', 'atomic_write', 'save_json', 'load_json', 'append_jsonl', 'read_jsonl', 'save_npz',
-           'load_npz', 'save_checkpoint', 'file_sha256', 'load_checkpoint', 'git_commit', 'env_info']
+__all__ = ['PAPER_CAM_SCALES', 'BadInputError', 'cli_main', 'check_finite', 'JSONConfig', 'POTConfig', 'seed_everything',
+           'resolve_device', 'keep_freed_memory', 'atomic_write', 'save_json', 'load_json', 'append_jsonl',
+           'read_jsonl', 'save_npz', 'load_npz', 'save_checkpoint', 'file_sha256', 'load_checkpoint', 'git_commit',
+           'env_info']
 
 # %% ../nbs/00_core.ipynb #421e819a
 class BadInputError(ValueError):
     "Input (a file, a tensor, a parameter) is not what the pipeline expects; the message says which and why."
+
+
+def cli_main(fn):
+    "Decorate a console script: bad input (`BadInputError`) ends it with one line `error: <message>` and exit status 2 (POT_DEBUG=1: the traceback)."
+    @functools.wraps(fn)
+    def main(*args, **kw):
+        try: return fn(*args, **kw)
+        except BadInputError as e:
+            if os.environ.get("POT_DEBUG"): raise
+            print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return main
 
 
 def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import BadInputError, JSONConfig, file_sha256, load_checkpoint, load_json, resolve_device, keep_freed_memory, save_json
+from .core import BadInputError, JSONConfig, cli_main, file_sha256, load_checkpoint, load_json, resolve_device, keep_freed_memory, save_json
 from .crf import check_crf_params, crf_inference, default_workers, label_png_ok
 from .data import IGNORE, InferDataset, TrainDataset, load_dataset, read_mask
 from .metrics import SegEvaluator
@@ -506,6 +506,7 @@ def deeplab_config_from_args(argv=None) -> tuple[DeepLabConfig, dict]:
     return cfg, opts
 
 
+@cli_main
 def deeplab_cli(argv=None) -> None:
     "Console entry point `pot-deeplab`."
     cfg, o = deeplab_config_from_args(argv)

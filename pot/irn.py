@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import BadInputError, JSONConfig, file_sha256, load_checkpoint, load_json, resolve_device, keep_freed_memory, save_json
+from .core import BadInputError, JSONConfig, cli_main, file_sha256, load_checkpoint, load_json, resolve_device, keep_freed_memory, save_json
 from .crf import (CRF_PRESETS, label_png_ok, run_source, check_crf_params, crf_inference, default_workers,
                      label_probs, read_image_cams)
 from .data import TrainDataset, load_dataset, normalize_image
@@ -639,6 +639,7 @@ def irn_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def irn_cli(argv=None) -> None:
     "Console entry point: run the IRN stage (or one step of it) on a POT run folder."
     a = vars(irn_parser().parse_args(argv))

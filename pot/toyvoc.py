@@ -11,7 +11,6 @@ import functools
 import inspect
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections import namedtuple
@@ -22,7 +21,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .core import BadInputError, load_json, save_json
+from .core import BadInputError, cli_main, load_json, save_json
 from .data import IGNORE, write_split
 from .viz import voc_palette
 
@@ -554,7 +553,7 @@ def _check_target(out: Path, p: dict, force: bool = False) -> None:
     if made is None:
         raise BadInputError(f"{out}: has no toyvoc.json manifest, so pot.toyvoc did not make it (or did not finish it); "
                             f"refusing to replace it: choose another folder, or move this one away")
-    old = dict(made.get("params", {}), version=made.get("version"))
+    old = dict(_params(), **made.get("params", {}), version=made.get("version"))   # parameters added since: their defaults
     diff = {k: (old.get(k), v) for k, v in dict(p, version=TOYVOC_VERSION).items() if old.get(k) != v}
     if diff and not force:
         details = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in diff.items())
@@ -648,7 +647,8 @@ def _complete(out: Path, p: dict) -> bool:
 def _is_current(out: Path, p: dict) -> bool:
     "Whether `out` holds a complete ToyVOC of this generator version made with parameters `p`."
     m = _manifest(out)
-    return m is not None and m.get("version") == TOYVOC_VERSION and m.get("params") == p and _complete(out, p)
+    return (m is not None and m.get("version") == TOYVOC_VERSION and dict(_params(), **m.get("params", {})) == p
+            and _complete(out, p))
 
 
 def ensure_toyvoc(out="data/toyvoc", progress: bool = True, **kw) -> Path:
@@ -658,6 +658,7 @@ def ensure_toyvoc(out="data/toyvoc", progress: bool = True, **kw) -> Path:
     return generate_toyvoc(out, progress=progress, **kw)
 
 # %% ../nbs/02_toyvoc.ipynb #f42323f7
+@cli_main
 def toyvoc_cli(argv=None) -> None:
     "Console script `pot-toyvoc`: generate ToyVOC (only when missing or incomplete unless --force)."
     ap = argparse.ArgumentParser(prog="pot-toyvoc", description="Generate the ToyVOC benchmark in the VOC layout.")
@@ -674,7 +675,6 @@ def toyvoc_cli(argv=None) -> None:
     if not force and _is_current(Path(out), _params(**a)):
         print(f"ToyVOC at {out} is complete and up to date (use --force to regenerate)"); return
     t, c = time.perf_counter(), time.process_time()
-    try: path = generate_toyvoc(out, progress=not quiet, force=force, **a)
-    except BadInputError as e: sys.exit(f"error: {e}")
+    path = generate_toyvoc(out, progress=not quiet, force=force, **a)
     print(f"ToyVOC at {path}: {a['n_train']} train + {a['n_val']} val images "
           f"({time.perf_counter() - t:.1f} s wall, {time.process_time() - c:.1f} s CPU)")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .core import (BadInputError, POTConfig, seed_everything, resolve_device, keep_freed_memory, save_json, load_json,
-                      append_jsonl, read_jsonl, atomic_write, save_checkpoint, load_checkpoint, env_info, check_finite)
+                      append_jsonl, read_jsonl, atomic_write, save_checkpoint, load_checkpoint, env_info, check_finite, cli_main)
 from .model import POTNet, param_groups, calibrate_bn, resize
 from .cluster import normalize_with_background
 from .activation import POTHead, pot_cams
@@ -432,6 +432,7 @@ def config_from_args(argv=None) -> tuple[POTConfig, bool]:
     return config_from_flags(vars(config_parser().parse_args(argv)), POTConfig)
 
 
+@cli_main
 def train_cli(argv=None) -> None:
     "Console entry point `pot-train`."
     cfg, resume = config_from_args(argv)

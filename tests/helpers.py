@@ -37,3 +37,13 @@ def check_parameters_match(nb: Path, config_cls) -> dict:
     assert [k for k in params if k in defaults] == fields, f"parameters must list every {config_cls.__name__} field, in order"
     assert {k: params[k] for k in fields} == defaults
     return params
+
+
+def cli_error(cli, argv: list, capsys) -> str:
+    "Run console script `cli` on `argv`, check it ends on bad input as every console script must (exit 2, one line 'error: ...' on stderr); return that line."
+    import pytest
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e: cli(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, (e.value.code, err)
+    return err

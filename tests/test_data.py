@@ -13,6 +13,7 @@ from pot.data import (IMAGENET_MEAN, IMAGENET_STD, InferDataset, TrainDataset, V
                       make_train_aug, read_split, write_split)
 from pot.toyvoc import TOYVOC_CLASSES, ensure_toyvoc, generate_toyvoc, toyvoc_cli
 from pot.viz import save_palette_png
+from helpers import cli_error
 
 N_TRAIN, N_VAL, SIZE = 10, 4, 96
 
@@ -240,11 +241,10 @@ def _users_folder(root: Path) -> Path:
     return root
 
 
-def test_users_folder_is_never_replaced(tmp_path):
+def test_users_folder_is_never_replaced(tmp_path, capsys):
     user = _users_folder(tmp_path / "mine")
     with pytest.raises(BadInputError, match="no toyvoc.json manifest"): ensure_toyvoc(user, n_train=2, n_val=0, progress=False)
-    with pytest.raises(SystemExit, match="^error: .*no toyvoc.json manifest"):
-        toyvoc_cli(["--out", str(user), "--n-train", "2", "--n-val", "0", "--quiet", "--force"])
+    assert "no toyvoc.json manifest" in cli_error(toyvoc_cli, ["--out", str(user), "--n-train", "2", "--n-val", "0", "--quiet", "--force"], capsys)
     from pot.train import train
     from pot.core import POTConfig
     with pytest.raises(BadInputError, match="classes.txt"):
@@ -257,7 +257,7 @@ def test_toyvoc_with_other_parameters_is_kept(tmp_path, capsys):
     out = tmp_path / "t"
     toyvoc_cli(["--out", str(out), "--n-train", "4", "--n-val", "1", "--size", "64", "--quiet"])
     before = _digest(out)
-    with pytest.raises(SystemExit, match="n_train: 4 there, 600 asked"): toyvoc_cli(["--out", str(out), "--quiet"])
+    assert "n_train: 4 there, 600 asked" in cli_error(toyvoc_cli, ["--out", str(out), "--quiet"], capsys)
     with pytest.raises(BadInputError, match="size: 64 there, 160 asked"): ensure_toyvoc(out, n_train=4, n_val=1, progress=False)
     assert _digest(out) == before
     toyvoc_cli(["--out", str(out), "--n-train", "3", "--n-val", "1", "--size", "64", "--quiet", "--force"])   # ours: replaced on request

@@ -192,3 +192,17 @@ def test_clip_seeds_train(toy, tmp_path):
                           seed_source="clip-es", seed_dir=str(cache), out_dir=str(tmp_path / "run")))
     log = read_jsonl(run / "metrics.jsonl")
     assert len(log) == 6 and all(r["loss_con"] > 0 for r in log)
+
+
+def test_console_scripts_report_bad_input_on_one_line(tmp_path, capsys):
+    "pot-train, pot-irn and pot-deeplab end on bad input with `error: ...` and exit status 2, no traceback (they used to print 20-55 lines)."
+    from helpers import cli_error
+    from pot.train import train_cli
+    from pot.irn import irn_cli
+    from pot.deeplab import deeplab_cli
+    assert "POTConfig.K=0" in cli_error(train_cli, ["--K", "0"], capsys)
+    assert "POTConfig.tau=1.5" in cli_error(train_cli, ["--tau", "1.5"], capsys)
+    assert "no such folder" in cli_error(train_cli, ["--data_root", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "r")], capsys)
+    assert "error: " in cli_error(irn_cli, ["--run_dir", str(tmp_path / "nope")], capsys)
+    assert "error: " in cli_error(deeplab_cli, ["--label_dir", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "s"),
+                                                "--data_root", str(tmp_path / "nope")], capsys)

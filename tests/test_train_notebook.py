@@ -14,7 +14,7 @@ NB = ROOT / "nbs" / "train.ipynb"
 
 def test_parameters_match_config():
     params = check_parameters_match(NB, POTConfig)
-    assert set(params) - {f.name for f in dataclasses.fields(POTConfig)} == {"toyvoc", "baseline", "baseline_dir"}
+    assert set(params) - {f.name for f in dataclasses.fields(POTConfig)} == {"toyvoc", "baseline", "baseline_dir", "resume"}
 
 
 def test_train_notebook_runs(tmp_path):
@@ -39,3 +39,12 @@ def test_train_notebook_runs(tmp_path):
     executed = json.loads((tmp_path / "train.ipynb").read_text())
     assert any("CAM mIoU on the train split" in "".join(o.get("text", ""))
                for c in executed["cells"] if c["cell_type"] == "code" for o in c.get("outputs", []))
+
+
+def test_unknown_parameter_is_refused(tmp_path):
+    "A misspelt parameter (`-p tua 0.5`) used to be a warning, and the run went on with the defaults."
+    import pytest
+    with pytest.raises(pm.PapermillExecutionError, match=r"unknown parameter\(s\) \['tua'\]"):
+        pm.execute_notebook(str(NB), str(tmp_path / "train.ipynb"), kernel_name="python3", cwd=str(ROOT), progress_bar=False,
+                            parameters=dict(tua=0.5, out_dir=str(tmp_path / "run"), data_root=str(tmp_path / "none")))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "none").exists()
