@@ -79,10 +79,10 @@ def pot_step_losses(out: dict, labels: torch.Tensor, valid: torch.Tensor, cfg: P
     else:
         if seed is None: raise BadInputError("seed_source='clip-es' but the batch has no 'seed' maps; build TrainDataset with seed_cams")
         S = seeds_on_grid(seed, labels, grid, vgrid)
-    pot = head(feats, S.detach(), labels, tau=cfg.tau, K=cfg.K, eps=cfg.eps, rho=cfg.rho,
+    pot = head(feats.detach() if cfg.detach_pot else feats, S.detach(), labels, tau=cfg.tau, K=cfg.K, eps=cfg.eps, rho=cfg.rho,
                    marginal=cfg.marginal, t=cfg.t, generator=generator, valid=vgrid)
     w = pot.w
-    loss_con = consistency_loss(pot.cam.detach() if cfg.detach_pot else pot.cam, A_cls, w, pot.present)
+    loss_con = consistency_loss(pot.cam, A_cls, w, pot.present)
     if dist.is_initialized() and dist.get_world_size() > 1: loss_con = loss_con * global_weight_share(w, pot.present)
     return dict(loss=loss_cls + lam * loss_con, loss_cls=loss_cls, loss_con=loss_con,
                 n_empty=pot.n_empty)   # a tensor: no host sync before backward
