@@ -35,7 +35,7 @@ test: check-sync nbtest pytest
 ## the main job on the embedded default: ToyVOC (generated on first use), train the baseline and POT, infer and score CAMs
 demo: venv
 	mkdir -p outputs/demo
-	$(BIN)/papermill nbs/train.ipynb outputs/demo/train.ipynb -k python3 --cwd . $(ARGS)
+	$(BIN)/papermill nbs/train.ipynb outputs/demo/train.ipynb -k python3 --cwd . --log-output $(ARGS)
 	$(PY) -c 'from pot.cams import print_summary; print_summary("outputs/demo")'
 
 ## the headline table: baseline, POT-trained classifier, POT K=1 and POT over seeds 0, 1, 2 (mean ± sd) on ToyVOC

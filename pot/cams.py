@@ -118,6 +118,7 @@ def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, 
         if not cfg.seed_dir: raise BadInputError("seed_source='clip-es' needs seed_dir (the CLIP-ES cache folder)")
         seeds = lambda i, size: torch.from_numpy(load_seed_cam(cfg.seed_dir, ds.name(i), ds.labels(i), size))
     n = len(ds) if limit is None else min(limit, len(ds))
+    for tmp in (Path(run_dir) / "cams").glob(".*.npz.*.tmp"): tmp.unlink()   # atomic_write's temp files of a killed run
     settings = cam_settings(cfg, run_dir)
     todo = [i for i in range(n) if _cam_file_settings(cam_path(run_dir, ds.name(i))) != settings]
     by_size = {}

@@ -282,6 +282,19 @@ class VOCLayout:
         if self.label_source == "xml": return np.stack([xml_labels(self.ann_dir / f"{self.ids[n]}.xml", self.classes) for n in it])
         return np.stack([mask_labels(self.mask(n), C) for n in it])
 
+    def check_images(self) -> "VOCLayout":
+        "Decode every image of the split once, so a truncated or garbage file is an error naming it before any work; remembered next to the split file."
+        stats = ((f, (self.image_dir / f).stat()) for f in self._files)
+        key = hashlib.sha256("\n".join(f"{f}:{st.st_size}:{st.st_mtime_ns}" for f, st in stats).encode()).hexdigest()
+        path = self.split_file.with_name(f"{self.split}.images_ok")
+        if path.is_file() and path.read_text() == key: return self
+        for i in tqdm(range(len(self)), desc=f"checking images ({self.split})", disable=len(self) < 2000, leave=False):
+            read_image(self.image_path(i))
+        try:
+            with atomic_write(path, "w") as f: f.write(key)
+        except OSError as e: warnings.warn(f"could not write {path} ({e}); the images are checked again next time")
+        return self
+
     def _load_labels(self) -> np.ndarray:
         "Labels from the cache next to the split file when its key matches, else computed and cached."
         if self.label_source == "split" or not self.cache: return self._compute_labels()

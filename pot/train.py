@@ -194,7 +194,12 @@ def _build_data(cfg: POTConfig):
         how = (f"generate ToyVOC there first (pot-toyvoc --out {cfg.data_root}, or run nbs/train.ipynb, which does)"
                if cfg.dataset == "toyvoc" else "point data_root at a VOC-layout folder")
         raise BadInputError(f"data_root={cfg.data_root}: no such folder; {how}")
-    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split)
+    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.train_split).check_images()   # a bad image fails now, not mid-epoch
+    try: ds.label_matrix                                                              # every label against the class list
+    except BadInputError as e:
+        if (Path(cfg.data_root) / "classes.txt").is_file(): raise
+        raise BadInputError(f"{e}; {cfg.data_root} has no classes.txt, so dataset={cfg.dataset!r} assumed its standard "
+                            f"classes: write classes.txt (one foreground class per line, in label order)") from None
     seed_cams = clip_seed_loader(cfg.seed_dir, ds) if cfg.seed_source == "clip-es" else None
     return ds, TrainDataset(ds, cfg.crop, seed=cfg.seed, seed_cams=seed_cams)
 

@@ -271,3 +271,25 @@ def test_missing_data_root_is_not_generated(tmp_path):
     with pytest.raises(BadInputError, match="no such folder; generate ToyVOC there first"):
         train(POTConfig(data_root=str(typo), out_dir=str(tmp_path / "run"), pretrained=None, device="cpu"))
     assert not typo.exists()
+
+
+def test_bad_images_and_foreign_classes_fail_before_training(toy, tmp_path):
+    "A truncated JPEG used to surface mid-epoch (after a checkpoint); a VOC folder without classes.txt failed at step 0 on a foreign name."
+    from pot.train import train
+    from pot.core import POTConfig
+    bad = tmp_path / "bad"
+    shutil.copytree(toy, bad)
+    ds = load_dataset("toyvoc", bad, "train")
+    ds.check_images()
+    assert (bad / "ImageSets/Segmentation/train.images_ok").is_file()
+    jpg = ds.image_path(len(ds) - 1)
+    jpg.write_bytes(jpg.read_bytes()[: jpg.stat().st_size // 2])          # truncated: same header, half the data
+    with pytest.raises(BadInputError, match=f"{jpg.name}: not a readable image"): load_dataset("toyvoc", bad, "train").check_images()
+    cfg = dict(data_root=str(bad), out_dir=str(tmp_path / "run"), pretrained=None, device="cpu", batch_size=2, epochs=1)
+    with pytest.raises(BadInputError, match=jpg.name): train(POTConfig(**cfg))
+    assert not (tmp_path / "run" / "ckpt").exists()
+    foreign = tmp_path / "foreign"
+    shutil.copytree(toy, foreign)
+    (foreign / "classes.txt").unlink()
+    with pytest.raises(BadInputError, match="has no classes.txt, so dataset='voc' assumed its standard classes"):
+        train(POTConfig(**dict(cfg, data_root=str(foreign), dataset="voc")))
