@@ -136,7 +136,7 @@ def _figure(figsize):
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     "Save a matplotlib figure as PNG atomically; returns the path."
-    with atomic_write(path) as f: fig.savefig(f, format="png", dpi=dpi)
+    with atomic_write(path) as f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")   # legends beside the axes
     return Path(path)
 
 
@@ -179,21 +179,21 @@ def image_grid(rows: Sequence[Sequence], col_titles: Sequence[str] | None = None
 
 # %% ../nbs/04_viz.ipynb #ed288538
 def plot_threshold_curve(result: dict, path: str | os.PathLike | None = None, ax=None, label: str | None = None):
-    "Seaborn line of mIoU vs background threshold from a `CAMEvaluator.result`, best marked; PNG saved atomically if `path`."
-    import seaborn as sns
+    "Line of mIoU vs background threshold from a `CAMEvaluator.result`, best marked and named in the legend; PNG saved atomically if `path`."
     missing = [k for k in ("thresholds", "miou_per_threshold", "best_threshold", "miou", "split", "which") if k not in result]
     if missing: raise BadInputError(f"plot_threshold_curve: result lacks {missing}; expected a CAMEvaluator.result(...) dict")
     th = np.asarray(result["thresholds"], np.float64)
     miou = np.array([np.nan if v is None else v for v in result["miou_per_threshold"]], np.float64)
     fig = None
     if ax is None:
-        fig = _figure((5, 3.2)); ax = fig.subplots()
-    label = label or result["which"]
-    sns.lineplot(x=th, y=miou, ax=ax, label=label)
+        fig = _figure((6.4, 3.2)); ax = fig.subplots()
+    k = len(ax.get_legend_handles_labels()[0])          # curves already on these axes: each gets its own dash and width
     bt, bm = result["best_threshold"], result["miou"]
-    ax.scatter([bt], [bm], marker="*", s=120, color=ax.lines[-1].get_color(), zorder=3)
-    ax.axvline(bt, color=ax.lines[-1].get_color(), ls=":", lw=1)
-    ax.annotate(f"best t={bt:.2f}\nmIoU={bm:.1f}", (bt, bm), textcoords="offset points", xytext=(6, -24), fontsize=8)
+    line, = ax.plot(th, miou, ls=("-", "--", "-.", ":")[k % 4], lw=max(2.6 - 0.5 * k, 1.0),
+                    label=f"{label or result['which']}: best t={bt:.2f}, mIoU {bm:.1f}")
+    ax.scatter([bt], [bm], marker="*", s=120, color=line.get_color(), zorder=3)
+    ax.axvline(bt, color=line.get_color(), ls=":", lw=1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)   # beside the curves, not on them
     ax.set(xlabel="background threshold", ylabel="mIoU (%)", title=f"CAM mIoU — split: {result['split']}, maps: {result['which']}")
     ax.title.set_fontsize(9)
     if path is not None:
