@@ -136,7 +136,7 @@ def _figure(figsize):
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 100) -> Path:
     "Save a matplotlib figure as PNG atomically; returns the path."
-    with atomic_write(path) as f: fig.savefig(f, format="png", dpi=dpi, bbox_inches="tight")   # legends beside the axes
+    with atomic_write(path) as f: fig.savefig(f, format="png", dpi=dpi)
     return Path(path)
 
 
@@ -186,7 +186,7 @@ def plot_threshold_curve(result: dict, path: str | os.PathLike | None = None, ax
     miou = np.array([np.nan if v is None else v for v in result["miou_per_threshold"]], np.float64)
     fig = None
     if ax is None:
-        fig = _figure((6.4, 3.2)); ax = fig.subplots()
+        fig = _figure((7.2, 3.2)); ax = fig.subplots()     # constrained layout keeps room for the legend beside the axes
     k = len(ax.get_legend_handles_labels()[0])          # curves already on these axes: each gets its own dash and width
     bt, bm = result["best_threshold"], result["miou"]
     line, = ax.plot(th, miou, ls=("-", "--", "-.", ":")[k % 4], lw=max(2.6 - 0.5 * k, 1.0),
