@@ -18,7 +18,7 @@ from pot.core import BadInputError, POTConfig, load_checkpoint, load_json, read_
 
 RUNNER = "import sys; from pot.train import train_cli; train_cli(sys.argv[1:])"
 TINY = dict(backbone="resnet18", pretrained=None, crop=64, batch_size=4, feature_stride=8, epochs=2, lr=0.01, K=3, lambda_con=1.0,
-            con_warmup=0.0, con_ramp=0.0, detach_pot=False,
+            con_warmup=0.0, con_ramp=0.0, detach_pot=False, lr_new_mult=1.0, freeze_stem_bn=False,
             ckpt_every=4, log_every=1, num_workers=0, device="cpu")
 
 
@@ -112,8 +112,12 @@ def test_two_processes_match_one(toy, tmp_path):
     both runs compute the same update up to float32 summation order (per-rank partial sums, then an
     all-reduce; ~1e-7 relative). Step 1 (same weights) must agree to 1e-5 relative. Later steps follow
     the same trajectory but the rounding differences are amplified by the updates (lr 0.01/0.1, clipped
-    gradients of norm ~10-20): measured 1.5e-4 relative on a loss of 1.48 at step 6 and 1.5e-5 on the
-    weights, so we allow 2e-3 relative on the losses and 1e-3 absolute on the weights. K=1 because with
+    gradients of norm ~10-20), and the POT head has discrete steps (confident sets at tau, the Sinkhorn
+    iteration at which a problem's change of Q drops below its tolerance) that a rounding difference can
+    cross: measured with the Q stop rule, steps 1-2 agree to 1e-6, then a crossing at step 3 moves
+    loss_con by 1.2e-4 relative and by step 6 the logged losses differ by up to 3e-2 (loss_con) and 6e-3
+    (loss_cls) while the weights still agree to 3e-4. So step 1 is held to 1e-5, later steps to 1e-2
+    (loss_cls, loss) and 5e-2 (loss_con), and the final weights to 1e-3 absolute. K=1 because with
     K>1 k-means++ draws its initial centres in batch order from one generator per process, so the two
     runs would start k-means from different centres (a difference of method randomness, not of DDP).
     """
@@ -129,7 +133,7 @@ def test_two_processes_match_one(toy, tmp_path):
     assert len(a) == len(b) == 6
     for ra, rb in zip(a, b):
         for k in ("loss", "loss_cls", "loss_con"):
-            rel = 1e-5 if ra["step"] == 1 else 2e-3
+            rel = 1e-5 if ra["step"] == 1 else {"loss_con": 5e-2}.get(k, 1e-2)
             assert rb[k] == pytest.approx(ra[k], rel=rel, abs=1e-6), (ra["step"], k, ra[k], rb[k])
     wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
     assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-3
@@ -139,7 +143,7 @@ def test_clear_errors(toy, tmp_path):
     from pot.train import train
     base = dict(TINY, dataset="toyvoc", data_root=str(toy))
     with pytest.raises(BadInputError, match="pretrained="):
-        train(POTConfig(**base, out_dir=str(tmp_path / "w"), pretrained=str(tmp_path / "resnet18.pth")))
+        train(POTConfig(**dict(base, out_dir=str(tmp_path / "w"), pretrained=str(tmp_path / "resnet18.pth"))))
     clip = dict(base, seed_source="clip-es", out_dir=str(tmp_path / "c"))
     with pytest.raises(BadInputError, match="seed_dir"):
         train(POTConfig(**clip))
