@@ -210,3 +210,23 @@ def test_console_scripts_report_bad_input_on_one_line(tmp_path, capsys):
     assert "error: " in cli_error(irn_cli, ["--run_dir", str(tmp_path / "nope")], capsys)
     assert "error: " in cli_error(deeplab_cli, ["--label_dir", str(tmp_path / "nope"), "--out_dir", str(tmp_path / "s"),
                                                 "--data_root", str(tmp_path / "nope")], capsys)
+
+
+def test_training_step_same_with_the_static_head():
+    "The training step's losses through the GPU path (POTHead, eager here) equal those through pot_cams, padding included."
+    from pot.activation import POTHead
+    from pot.train import pot_step_losses
+    torch.manual_seed(0)
+    N, C, h, w = 3, 4, 16, 16
+    out = dict(logits=torch.randn(N, C), cams=torch.rand(N, C, 4, 4, requires_grad=True),
+               F=torch.nn.functional.normalize(torch.randn(N, 32, h, w), dim=1).requires_grad_())
+    labels = torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0], [1, 1, 1, 0]], dtype=torch.float32)
+    valid = torch.ones(N, 64, 64, dtype=torch.bool); valid[1, :, 48:] = False       # the second crop is padded
+    for detach in (True, False):
+        cfg = POTConfig(detach_pot=detach, con_warmup=0.0)
+        ref = pot_step_losses(out, labels, valid, cfg, generator=torch.Generator().manual_seed(1))
+        got = pot_step_losses(out, labels, valid, cfg, generator=torch.Generator().manual_seed(1), head=POTHead(compile=False))
+        for k in ("loss", "loss_cls", "loss_con"): assert float(got[k].detach()) == pytest.approx(float(ref[k].detach()), abs=1e-5), (detach, k)
+        g_ref = torch.autograd.grad(ref["loss"], out["cams"], retain_graph=True)[0]
+        g_got = torch.autograd.grad(got["loss"], out["cams"])[0]
+        torch.testing.assert_close(g_got, g_ref, atol=1e-5, rtol=0)
