@@ -9,7 +9,6 @@ import argparse
 import collections
 import multiprocessing as mp
 import os
-import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -23,11 +22,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import BadInputError, JSONConfig, cli_main, file_sha256, load_checkpoint, load_json, resolve_device, keep_freed_memory, save_json
+from .core import BadInputError, JSONConfig, cli_main, file_sha256, load_json, resolve_device, keep_freed_memory, save_json
 from .crf import check_crf_params, crf_inference, default_workers, label_png_ok
 from .data import IGNORE, InferDataset, TrainDataset, load_dataset, read_mask
 from .metrics import SegEvaluator
-from .model import FrozenBN, build_encoder, calibrate_bn, load_imagenet_weights, stage_channels
+from .model import FrozenBN, build_encoder, calibrate_bn, load_imagenet_weights, read_state_dict, stage_channels
 from .train import BN_CALIB_BATCHES, add_config_flags, config_from_flags, epoch_batches, finished_run, fit, parse_bool
 from . import viz
 
@@ -92,15 +91,6 @@ class DeepLabV2(FrozenBN):
         return self.aspp(self.forward_features(x))
 
 # %% ../nbs/15_deeplab.ipynb #b23a7e75
-def _state_dict_of(path) -> dict:
-    "The tensors of a checkpoint file: its `model` / `state_dict` entry if it has one, `module.` prefixes removed."
-    state = load_checkpoint(path)
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict): state = state[key]
-    if not isinstance(state, dict): raise BadInputError(f"{path}: expected a state dict of tensors")
-    return {re.sub(r"^module\.", "", k): v for k, v in state.items()}
-
-
 def load_deeplab_weights(model: DeepLabV2, path) -> dict:
     "Load ImageNet (torchvision) encoder weights, or the encoder (and matching head) of a DeepLabV2 / POT checkpoint, from `path`; says what was loaded."
     hint = (f"pass pretrained=<a torchvision {model.backbone} ImageNet state dict, or a checkpoint with encoder.* keys: "
@@ -108,7 +98,7 @@ def load_deeplab_weights(model: DeepLabV2, path) -> dict:
             f"or None for random initialisation")
     if str(path) != "torchvision":
         if not Path(path).is_file(): raise BadInputError(f"DeepLab weights not found at {path}; {hint}")
-        state = _state_dict_of(path)
+        state = read_state_dict(path)
         if any(k.startswith("encoder.") for k in state):
             enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
             try: model.encoder.load_state_dict(enc)

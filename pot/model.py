@@ -19,7 +19,7 @@ from .core import BadInputError, load_checkpoint
 # %% auto #0
 __all__ = ['RESNETS', 'BACKBONES', 'SIDE_DIMS', 'FEATURE_STRIDES', 'LITE0_IMAGENET', 'build_encoder', 'stage_channels',
            'stem_conv', 'resize', 'FrozenBN', 'POTNet', 'freeze_stem_and_bn', 'param_groups', 'calibrate_bn',
-           'lite0_imagenet_file', 'remap_lite0', 'imagenet_state', 'load_imagenet_weights']
+           'lite0_imagenet_file', 'remap_lite0', 'read_state_dict', 'imagenet_state', 'load_imagenet_weights']
 
 # %% ../nbs/09_model.ipynb #c8246949
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
@@ -191,7 +191,7 @@ def remap_lite0(state: dict) -> dict:
     return out
 
 
-def _read_state(path) -> dict:
+def read_state_dict(path) -> dict:
     "The tensors of a weights file: its `state_dict`/`model` entry if it has one, `module.` prefixes removed."
     state = load_checkpoint(path)
     for key in ("state_dict", "model"):
@@ -216,7 +216,7 @@ def imagenet_state(backbone: str, path: str | Path) -> dict:
             raise BadInputError(f"could not download torchvision ImageNet weights for {backbone} "
                                 f"({type(e).__name__}: {e}); {hint}") from None
     if not Path(path).is_file(): raise BadInputError(f"ImageNet weights not found at {path}; {hint}")
-    state = _read_state(path)
+    state = read_state_dict(path)
     return remap_lite0(state) if "_conv_stem.weight" in state else state
 
 
