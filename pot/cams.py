@@ -232,11 +232,16 @@ def add_baseline(run_dir, baseline_dir) -> dict:
     return metrics
 
 
+def _default_rows(metrics: dict) -> tuple:
+    "`DEMO_ROWS`, without the baseline when the run has none."
+    return DEMO_ROWS if "baseline" in metrics["cam_eval"] else DEMO_ROWS[1:]
+
+
 def summary_table(metrics: dict, rows: tuple | None = None):
     "pandas table of CAM mIoU, best background threshold, mean precision and recall for `rows` (default `DEMO_ROWS`, baseline when there is one)."
     import pandas as pd
     ev = metrics["cam_eval"]
-    rows = rows or (DEMO_ROWS if "baseline" in ev else DEMO_ROWS[1:])
+    rows = rows or _default_rows(metrics)
     missing = [r for r in rows if r not in ev]
     if missing: raise BadInputError(f"metrics lack CAM results for {missing}; run evaluate_cams first")
     df = pd.DataFrame([{"map": SUMMARY_ROWS.get(r, r), "mIoU (%)": ev[r]["miou"], "best bg threshold": ev[r]["best_threshold"],
@@ -248,7 +253,7 @@ def summary_table(metrics: dict, rows: tuple | None = None):
 def per_class_table(metrics: dict, rows: tuple | None = None):
     "pandas table of per-class IoU (%) for each map in `rows` (as `summary_table`)."
     import pandas as pd
-    rows = rows or (DEMO_ROWS if "baseline" in metrics["cam_eval"] else DEMO_ROWS[1:])
+    rows = rows or _default_rows(metrics)
     return pd.DataFrame({SUMMARY_ROWS.get(r, r): metrics["cam_eval"][r]["iou"] for r in rows}).round(2)
 
 

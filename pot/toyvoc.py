@@ -541,6 +541,11 @@ def _manifest(out: Path) -> dict | None:
     return m if isinstance(m, dict) and m.get("generator") == "pot.toyvoc" else None
 
 
+def _made_with(m: dict) -> dict:
+    "The parameters a manifest records; a parameter added to the generator since counts as its default (it draws the same)."
+    return dict(_params(), **m.get("params", {}))
+
+
 def _check_target(out: Path, p: dict, force: bool = False) -> None:
     "Refuse to write `out` unless it is missing, empty, or a ToyVOC this generator made with parameters `p` (any, with `force`)."
     if not out.exists(): return
@@ -553,7 +558,7 @@ def _check_target(out: Path, p: dict, force: bool = False) -> None:
     if made is None:
         raise BadInputError(f"{out}: has no toyvoc.json manifest, so pot.toyvoc did not make it (or did not finish it); "
                             f"refusing to replace it: choose another folder, or move this one away")
-    old = dict(_params(), **made.get("params", {}), version=made.get("version"))   # parameters added since: their defaults
+    old = dict(_made_with(made), version=made.get("version"))
     diff = {k: (old.get(k), v) for k, v in dict(p, version=TOYVOC_VERSION).items() if old.get(k) != v}
     if diff and not force:
         details = ", ".join(f"{k}: {a!r} there, {b!r} asked" for k, (a, b) in diff.items())
@@ -647,8 +652,7 @@ def _complete(out: Path, p: dict) -> bool:
 def _is_current(out: Path, p: dict) -> bool:
     "Whether `out` holds a complete ToyVOC of this generator version made with parameters `p`."
     m = _manifest(out)
-    return (m is not None and m.get("version") == TOYVOC_VERSION and dict(_params(), **m.get("params", {})) == p
-            and _complete(out, p))
+    return m is not None and m.get("version") == TOYVOC_VERSION and _made_with(m) == p and _complete(out, p)
 
 
 def ensure_toyvoc(out="data/toyvoc", progress: bool = True, **kw) -> Path:
