@@ -32,23 +32,24 @@ pytest: venv
 
 test: check-sync nbtest pytest
 
-## the main job on the embedded default: ToyVOC (generated on first use), train the baseline and POT, infer and score CAMs
+## the main job on the embedded default: ToyVOC (generated on first use), train the baseline and POT, infer and score CAMs (DEMO=folder for another run folder)
+DEMO := outputs/demo
 demo: venv
-	mkdir -p outputs/demo
-	$(BIN)/papermill nbs/train.ipynb outputs/demo/train.ipynb -k python3 --cwd . --log-output $(ARGS)
-	$(PY) -c 'from pot.cams import print_summary; print_summary("outputs/demo")'
+	mkdir -p $(DEMO)
+	$(BIN)/papermill nbs/train.ipynb $(DEMO)/train.ipynb -k python3 --cwd . --log-output -p out_dir $(DEMO) $(ARGS)
+	$(PY) -c 'from pot.cams import print_summary; print_summary("$(DEMO)")'
 
 ## the headline table: baseline, POT-trained classifier, POT K=1 and POT over seeds 0, 1, 2 (mean ± sd) on ToyVOC
 SEEDS_GRID := -y "{taus: [0.7], Ks: [3], allocation: false, seeds: [0, 1, 2]}"
 seeds: venv
 	mkdir -p outputs/seeds
-	$(BIN)/papermill nbs/ablation.ipynb outputs/seeds/ablation.ipynb -k python3 --cwd . -p out_root outputs/seeds $(SEEDS_GRID) $(ARGS)
+	$(BIN)/papermill nbs/ablation.ipynb outputs/seeds/ablation.ipynb -k python3 --cwd . --log-output -p out_root outputs/seeds $(SEEDS_GRID) $(ARGS)
 	cat outputs/seeds/seeds.md
 
 ## the same on the second benchmark (other classes on photographs, 02_toyvoc's PHOTO_TOYVOC) in data/photovoc
 seeds-photo: venv
 	mkdir -p outputs/seeds_photovoc
-	$(BIN)/papermill nbs/ablation.ipynb outputs/seeds_photovoc/ablation.ipynb -k python3 --cwd . -p out_root outputs/seeds_photovoc \
+	$(BIN)/papermill nbs/ablation.ipynb outputs/seeds_photovoc/ablation.ipynb -k python3 --cwd . --log-output -p out_root outputs/seeds_photovoc \
 	  -p data_root data/photovoc $(SEEDS_GRID) -y "{base: {toyvoc: {classes: [tree, umbrella, cup, lamp, kite], background: photos, seed: 1}}}" $(ARGS)
 	cat outputs/seeds_photovoc/seeds.md
 
@@ -59,28 +60,28 @@ docs: venv
 ## every stage on ToyVOC: seeds, POT, CAMs, pseudo labels, DeepLab, val mIoU (outputs/pipeline/pipeline.md)
 pipeline: venv
 	mkdir -p outputs/pipeline
-	$(BIN)/papermill nbs/pipeline.ipynb outputs/pipeline/pipeline_run.ipynb -k python3 --cwd . $(ARGS)
+	$(BIN)/papermill nbs/pipeline.ipynb outputs/pipeline/pipeline_run.ipynb -k python3 --cwd . --log-output $(ARGS)
 	cat outputs/pipeline/pipeline.md
 
 ## Fig. A1: the τ and K sweeps and the allocation ablations on ToyVOC (one train.ipynb run per point, reused)
 ablation: venv
 	mkdir -p outputs/ablation
-	$(BIN)/papermill nbs/ablation.ipynb outputs/ablation/ablation.ipynb -k python3 --cwd . $(ARGS)
+	$(BIN)/papermill nbs/ablation.ipynb outputs/ablation/ablation.ipynb -k python3 --cwd . --log-output $(ARGS)
 
 ## Table A1: baseline, K=1 and POT trained side by side (reuses the ablation runs)
 cost: venv
 	mkdir -p outputs/ablation
-	$(BIN)/papermill nbs/cost.ipynb outputs/ablation/cost.ipynb -k python3 --cwd . $(ARGS)
+	$(BIN)/papermill nbs/cost.ipynb outputs/ablation/cost.ipynb -k python3 --cwd . --log-output $(ARGS)
 	cat outputs/ablation/cost.md
 
 ## Figs. A3-A4: image, ground truth, baseline and POT pseudo labels (reuses the ablation runs)
 figures: venv
 	mkdir -p outputs/ablation
-	$(BIN)/papermill nbs/figures.ipynb outputs/ablation/figures.ipynb -k python3 --cwd . $(ARGS)
+	$(BIN)/papermill nbs/figures.ipynb outputs/ablation/figures.ipynb -k python3 --cwd . --log-output $(ARGS)
 
 ## stage 4 alone: DeepLabV2 on a run's pseudo labels, val mIoU (pass label_dir, e.g. ARGS="-p label_dir outputs/demo/pseudo_labels/crf")
 segmentation: venv
-	$(BIN)/papermill nbs/segmentation.ipynb outputs/demo/segmentation.ipynb -k python3 --cwd . $(ARGS)
+	$(BIN)/papermill nbs/segmentation.ipynb outputs/demo/segmentation.ipynb -k python3 --cwd . --log-output $(ARGS)
 
 ## ResNet-101 DeepLabV2 training step time, batch 10, 321x321 (CPU, or CUDA when present)
 bench-deeplab: venv

@@ -1,4 +1,4 @@
-"""Benchmark of pot.clip_es (CLIP-ES seed CAMs), side by side in one run, random ViT-B/16 weights.
+"""Benchmark of pot.clip and pot.clip_es (CLIP-ES seed CAMs), side by side in one run, random ViT-B/16 weights.
 
     .venv/bin/python bench/clip_es.py                      # CPU, float32
     .venv/bin/python bench/clip_es.py --device cuda --amp  # GPU with autocast
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import pot.clip as clip
 import pot.clip_es as ce
 from pot.core import keep_freed_memory
 from pot.data import VOC_CLASSES
@@ -43,33 +44,33 @@ def images(n, hw, seed=0):
 def reference_style_cams(model, imgs, keys, classes, timer=None):
     "The per-class loop as the public CLIP-ES code runs it: weights require grad, last block + loss.backward() per class."
     dev = next(model.parameters()).device
-    fg_t, bg_t = ce.text_features(model, classes)
+    fg_t, bg_t = clip.text_features(model, classes)
     vis = model.visual
     blk = vis.transformer.resblocks[-1]
     params = list(blk.parameters()) + list(vis.ln_post.parameters()) + [vis.proj]
     out = []
     for img, k in zip(imgs, keys):
-        with ce._timed(timer, "preprocess", dev): x = ce.preprocess_image(img)[None].to(dev)
+        with clip.timed(timer, "preprocess", dev): x = clip.preprocess_image(img)[None].to(dev)
         k = torch.as_tensor(k)
         text = torch.cat([fg_t[k - 1], bg_t])[None]
-        with ce._timed(timer, "shared", dev): xin, attn, grid = ce.vit_trunk(vis, x)
+        with clip.timed(timer, "shared", dev): xin, attn, grid = clip.vit_trunk(vis, x)
         for p in params: p.requires_grad_(True)
         scale = model.logit_scale.exp()
         grads = []
         for c in range(len(k)):
             with torch.enable_grad():
                 a = blk.ln_1(xin).detach().requires_grad_(True)
-                with ce._timed(timer, "last_block", dev):
+                with clip.timed(timer, "last_block", dev):
                     qkv = F.linear(a, blk.attn.in_proj_weight, blk.attn.in_proj_bias)
-                    o, w = ce._block(blk, xin, need_weights=True, qkv=qkv)
+                    o, w = clip.vit_block(blk, xin, need_weights=True, qkv=qkv)
                     e = F.normalize(vis.ln_post(o)[:, 1:].mean(1) @ vis.proj, dim=-1)
                     p = (scale * e @ text[0].T).softmax(-1)
-                with ce._timed(timer, "backward", dev):
+                with clip.timed(timer, "backward", dev):
                     p[0, c].backward()
             grads.append(a.grad)
             for q in params: q.grad = None
         for q in params: q.requires_grad_(False)
-        with ce._timed(timer, "refine", dev):
+        with clip.timed(timer, "refine", dev):
             g = torch.stack(grads, 1)
             cam = torch.relu(torch.einsum("bkd,bnd->bkn", g[:, :, 1:].mean(2), a.detach()[:, 1:]))
             cam = ce.scale_gradcam(cam.view(1, len(k), *grid))
@@ -130,9 +131,9 @@ def bench_classes(model, dev, args, res):
 
 def bench_prompts(model, dev, args, res):
     print("\n## 2. prompt encoding, 45 VOC prompts (20 classes + 25 background words)")
-    fg, bg = ce.clip_prompts(VOC_CLASSES)
+    fg, bg = clip.clip_prompts(VOC_CLASSES)
     prompts = fg + bg
-    tok = ce._tokenizer(model.pot_clip["name"])
+    tok = clip.clip_tokenizer(model.pot_clip["name"])
 
     def one_at_a_time(_):
         with torch.no_grad(): [model.encode_text(tok([p]).to(dev)) for p in prompts]
@@ -141,13 +142,13 @@ def bench_prompts(model, dev, args, res):
         with torch.no_grad(): model.encode_text(tok(prompts).to(dev))
 
     def batched_truncated(_):
-        ce._TEXT_CACHE.pop(model, None)
-        ce.encode_prompts(model, prompts)
+        clip.forget_prompts(model)
+        clip.encode_prompts(model, prompts)
 
     med, _ = time_variants(dict(one_at_a_time=one_at_a_time, batched_full=batched_full, batched_truncated=batched_truncated),
                            max(2, args.reps // 2), dev)
     for k, v in med.items(): print(f"  {k:18s} {v:7.3f} s")
-    t = time.perf_counter(); ce.encode_prompts(model, prompts); cached = time.perf_counter() - t
+    t = time.perf_counter(); clip.encode_prompts(model, prompts); cached = time.perf_counter() - t
     print(f"  cached (second call) {cached * 1e6:.0f} us;  one-at-a-time / batched-truncated: {med['one_at_a_time'] / med['batched_truncated']:.1f}x")
     res["prompts"] = dict(seconds=med, cached_seconds=cached)
 
@@ -162,7 +163,7 @@ def bench_batch(model, dev, args, res):
         keys = [[3, 15, 12]] * len(imgs)
         fns = {b: (lambda t, b=b: ce.clip_es_cams(model, imgs, keys, VOC_CLASSES, batch_size=b, amp=args.amp, timer=t)) for b in sizes}
         med, _ = time_variants(fns, max(1, args.reps // 2), dev)
-        buckets = len({ce.clip_input_size(i.shape[:2]) for i in imgs})
+        buckets = len({clip.clip_input_size(i.shape[:2]) for i in imgs})
         print(f"  {name} ({len(imgs)} images, {buckets} size bucket(s)): " +
               ",  ".join(f"B={b}: {len(imgs) / med[b]:.2f} img/s" for b in sizes))
         res[f"batch_{name}"] = {str(b): len(imgs) / med[b] for b in sizes}
@@ -174,18 +175,18 @@ def main():
     p.add_argument("--amp", action="store_true", help="autocast (bf16/fp16) for the network")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--batch-sizes", default="1,2,4")
-    p.add_argument("--n-batch-images", type=int, default=8)
+    p.add_argument("--batch_sizes", default="1,2,4")
+    p.add_argument("--n_batch_images", type=int, default=8)
     p.add_argument("--skip", default="", help="comma list of sections to skip: classes,prompts,batch")
     p.add_argument("--json", default=None, help="write the numbers to this JSON file")
     args = p.parse_args()
     if args.threads: torch.set_num_threads(args.threads)
     kept = keep_freed_memory()       # as the cache generation (`pot-clip-cams`) does; POT_MALLOC=default to compare
     dev = torch.device(args.device)
-    model = ce.load_clip(None, dev)
+    model = clip.load_clip(None, dev)
     info = dict(device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x{torch.get_num_threads()} threads",
                 amp=args.amp, torch=torch.__version__, malloc="keeps freed memory" if kept else "default", loadavg=os.getloadavg())
-    print(f"# pot.clip_es benchmark: {info}")
+    print(f"# pot.clip / pot.clip_es benchmark: {info}")
     res = dict(info=info)
     skip = set(args.skip.split(","))
     if "classes" not in skip: bench_classes(model, dev, args, res)

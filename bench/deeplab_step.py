@@ -13,10 +13,45 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
+import numpy as np
 import torch
 
-from pot.deeplab import step_time
+from pot.core import BadInputError, resolve_device, keep_freed_memory
+from pot.data import IGNORE
+from pot.deeplab import DeepLabV2, deeplab_param_groups, seg_loss
+from pot.runs import amp_dtype
+
+
+def step_time(backbone: str = "resnet101", batch_size: int = 10, crop: int = 321, steps: int = 3, warmup: int = 1,
+              n_classes: int = 21, device: str = "cpu", amp: bool = True, seed: int = 0) -> dict:
+    "Seconds per DeepLabV2 training step (forward, loss, backward, SGD) on random data: dict(sec_per_step=median wall, cpu_sec_per_step, times, …)."
+    if steps < 1 or warmup < 0: raise BadInputError(f"steps={steps}, warmup={warmup}; expected steps >= 1, warmup >= 0")
+    dev = resolve_device(device)
+    keep_freed_memory()
+    torch.manual_seed(seed)
+    model = DeepLabV2(backbone, n_classes).to(dev, memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(deeplab_param_groups(model, 2.5e-4), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
+    on, dtype = amp_dtype(amp, dev)
+    scaler = torch.amp.GradScaler("cuda", enabled=on and dtype == torch.float16)
+    x = torch.randn(batch_size, 3, crop, crop, device=dev).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, n_classes, (batch_size, crop, crop), device=dev)
+    y[torch.rand(y.shape, device=dev) < 0.25] = IGNORE
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    times, cpu = [], []
+    for k in range(warmup + steps):
+        sync(); t0, c0 = time.perf_counter(), time.process_time()
+        with torch.autocast(dev.type, dtype=dtype, enabled=on):
+            logits = model(x)
+        loss = seg_loss(logits, y)["loss"]
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
+        sync()
+        if k >= warmup: times.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0)
+    return dict(sec_per_step=float(np.median(times)), times=times, cpu_sec_per_step=float(np.median(cpu)), backbone=backbone, batch_size=batch_size, crop=crop,
+                device=str(dev), amp=on, threads=torch.get_num_threads(),
+                gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None)
 
 
 def main(argv=None) -> dict:

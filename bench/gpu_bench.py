@@ -15,7 +15,7 @@ Sections (random weights and data; nothing is downloaded):
 - `clip-es`: CLIP-ES images/s (`pot.clip_es.clip_es_cams`, autocast on CUDA, random ViT-B/16 weights), all present
   classes in one batched backward vs the per-class loop, 3 classes, at 224x224 and 500x375, with `bench/clip_es.py`'s
   timing (variants interleaved); peak memory of each.
-- `deeplab`: one DeepLabV2 ResNet-101 training step at batch 10, 321x321 (`pot.deeplab.step_time`, as
+- `deeplab`: one DeepLabV2 ResNet-101 training step at batch 10, 321x321 (`bench/deeplab_step.py` `step_time`, as
   `bench/deeplab_step.py`), and its peak memory.
 `--tiny` shrinks every size (batch 2, 64x64 images, ResNet-18, ...) so the whole script runs on a CPU in about a minute:
 that is what the CI test runs. Peak memory is CUDA `max_memory_allocated` (reset before each measurement); on CPU it is
@@ -152,10 +152,11 @@ def _load(name):
 def clip_es(args, dev) -> dict:
     "CLIP-ES images/s, batched classes vs per-class loop, with bench/clip_es.py's interleaved timing; peak memory."
     import pot.clip_es as ce
+    from pot.clip import load_clip
     from pot.data import VOC_CLASSES
     cb = _load("clip_es")
     amp = dev.type == "cuda" and not args.no_amp
-    model = ce.load_clip(None, dev)
+    model = load_clip(None, dev)
     keys = [[3, 15, 12]]                                            # bird, person, dog (as bench/clip_es.py)
     sizes = ((64, 64), (48, 80)) if args.tiny else ((224, 224), (375, 500))
     reps = 1 if args.tiny else args.reps
@@ -183,7 +184,8 @@ def deeplab(args, dev) -> dict:
         crf = types.ModuleType("pydensecrf"); crf.densecrf = types.ModuleType("pydensecrf.densecrf")
         sys.modules.update({"pydensecrf": crf, "pydensecrf.densecrf": crf.densecrf})
         print("  (pydensecrf is not installed: stubbed, the training step does not use CRF)")
-    from pot.deeplab import step_time
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from deeplab_step import step_time
     bb, B, crop = ("resnet18", 2, 65) if args.tiny else ("resnet101", 10, 321)
     base = _reset_peak(dev)
     r = step_time(bb, B, crop, steps=1 if args.tiny else args.reps, warmup=1 if args.tiny else 2, n_classes=21,

@@ -45,7 +45,9 @@ import torch.nn.functional as Fn
 from pot.activation import pot_cams, POTHead
 from pot.core import keep_freed_memory
 from pot.cluster import normalize_with_background, kmeans_uniforms
-from pot.transport import synthetic_feature_maps
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import synthetic_feature_maps          # a toy batch with a known answer
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,8 +10,8 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as Fn
 
-from .core import BadInputError, check_finite
-from .cluster import (at_least_float32, present_classes, normalize_with_background, confident_sets,
+from .core import BadInputError, at_least_float32, check_finite
+from .cluster import (present_classes, normalize_with_background, confident_sets,
                          kmeans_uniforms, spherical_kmeans, class_prototypes)
 from .transport import class_mass, cluster_marginal, allocate, sinkhorn_method
 

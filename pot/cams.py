@@ -14,15 +14,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import BadInputError, POTConfig, file_sha256, load_npz, save_npz, save_json, load_json, resolve_device, keep_freed_memory
+from .core import BadInputError, POTConfig, file_sha256, load_npz, save_npz, resolve_device, keep_freed_memory
+from .runs import Run, ImageOutputs, scored_images
 from .cluster import normalize_with_background
 from .activation import pot_cams
-from .data import load_dataset, InferDataset
+from .data import load_dataset
+from .datasets import InferDataset
 from .metrics import CAMEvaluator
 from . import viz
 
 # %% auto #0
-__all__ = ['MAP_KEYS', 'CAM_SETTINGS', 'SUMMARY_ROWS', 'DEMO_ROWS', 'max_normalize', 'fuse_with_clip', 'batch_cams', 'cam_path',
+__all__ = ['MAP_KEYS', 'CAM_SETTINGS', 'SUMMARY_ROWS', 'DEMO_ROWS', 'max_normalize', 'fuse_with_clip', 'batch_cams',
            'cam_settings', 'infer_cams', 'load_cams', 'evaluate_cams', 'baseline_config', 'add_baseline',
            'summary_table', 'per_class_table', 'print_summary', 'train_and_evaluate']
 
@@ -80,11 +82,6 @@ def batch_cams(model, imgs: list, labels: torch.Tensor, size: tuple, cfg: POTCon
     return res
 
 # %% ../nbs/11_cams.ipynb #58754126
-def cam_path(run_dir, name: str) -> Path:
-    "Where the CAMs of image `name` of a run live."
-    return Path(run_dir) / "cams" / f"{name}.npz"
-
-
 CAM_SETTINGS = ("cam_scales", "pot_scales", "beta_fuse", "tau", "K", "eps", "rho", "marginal", "t", "seed_source", "seed_dir",
                 "seed")
 
@@ -92,7 +89,7 @@ CAM_SETTINGS = ("cam_scales", "pot_scales", "beta_fuse", "tau", "K", "eps", "rho
 def cam_settings(cfg: POTConfig, run_dir) -> str:
     "JSON of what makes a run's CAM files: the `CAM_SETTINGS` fields of `cfg` and the SHA-256 of the run's `ckpt/final.pt`."
     d = {k: getattr(cfg, k) for k in CAM_SETTINGS}
-    return json.dumps(dict(d, checkpoint_sha256=file_sha256(Path(run_dir) / "ckpt" / "final.pt")), sort_keys=True)
+    return json.dumps(dict(d, checkpoint_sha256=file_sha256(Run(run_dir).final_ckpt)), sort_keys=True)
 
 
 def _cam_file_settings(path: Path) -> str | None:
@@ -106,6 +103,7 @@ def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, 
                Ks: tuple = (1,), batch: int = 8, limit: int | None = None) -> Path:
     "Write multi-scale CAMs (cls, pot, pot_k1, final) of every image of `split` into `run_dir/cams/`; resumable, and remade where a file records other settings."
     from pot.train import load_trained
+    run = Run(run_dir)
     model, cfg = load_trained(run_dir)
     model.to(resolve_device(device), memory_format=torch.channels_last).eval()   # NHWC: see 'Speed' in 11_cams
     keep_freed_memory()
@@ -118,9 +116,9 @@ def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, 
         if not cfg.seed_dir: raise BadInputError("seed_source='clip-es' needs seed_dir (the CLIP-ES cache folder)")
         seeds = lambda i, size: torch.from_numpy(load_seed_cam(cfg.seed_dir, ds.name(i), ds.labels(i), size))
     n = len(ds) if limit is None else min(limit, len(ds))
-    for tmp in (Path(run_dir) / "cams").glob(".*.npz.*.tmp"): tmp.unlink()   # atomic_write's temp files of a killed run
+    ImageOutputs(run.cams_dir, suffix=".npz").prepare([ds.name(i) for i in range(n)])   # temp files of a killed run
     settings = cam_settings(cfg, run_dir)
-    todo = [i for i in range(n) if _cam_file_settings(cam_path(run_dir, ds.name(i))) != settings]
+    todo = [i for i in range(n) if _cam_file_settings(run.cam_file(ds.name(i))) != settings]
     by_size = {}
     for i in todo: by_size.setdefault(ds.image_size(i), []).append(i)
     chunks = [idx[j:j + batch] for idx in by_size.values() for j in range(0, len(idx), batch)]
@@ -136,33 +134,31 @@ def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, 
             final = fuse_with_clip(seed.to(m["pot"].device), m["pot"], cfg.beta_fuse) if seed is not None else m["pot"]
             for b, i in enumerate(chunk):
                 keys = labels[b].nonzero().flatten().to(m["pot"].device)
-                save_npz(cam_path(run_dir, ds.name(i)), keys=(keys + 1).cpu().numpy().astype(np.int64), settings=np.array(settings),
+                save_npz(run.cam_file(ds.name(i)), keys=(keys + 1).cpu().numpy().astype(np.int64), settings=np.array(settings),
                          final=final[b, keys].cpu().numpy().astype(np.float16),
                          **{k: m[k][b, keys].cpu().numpy().astype(np.float16) for k in ("cls", "pot", "pot_k1")})
             bar.update(len(chunk))
-    return Path(run_dir) / "cams"
+    return run.cams_dir
 
 # %% ../nbs/11_cams.ipynb #57ae8a69
 def load_cams(run_dir, name: str, which: str = "final") -> tuple[np.ndarray, np.ndarray]:
     "(keys (n,) label indices 1..C, maps float32 (n,H,W)) of image `name` from a run's CAM folder."
-    z = load_npz(cam_path(run_dir, name), required=("keys", which))
+    z = load_npz(Run(run_dir).cam_file(name), required=("keys", which))
     return z["keys"], z[which].astype(np.float32)
 
 
 def evaluate_cams(run_dir, split: str | None = None, data_root: str | None = None, which: tuple = MAP_KEYS,
                   n_overlays: int = 4) -> dict:
     "CAM mIoU (best background threshold) of each map in `which` on `split`; writes metrics.json and figures/."
-    run_dir = Path(run_dir)
-    cfg = POTConfig.from_dict(load_json(run_dir / "config.json")["config"])
+    run = Run(run_dir)
+    cfg = run.config(POTConfig)
     split = split or cfg.eval_split
     ds = load_dataset(cfg.dataset, data_root or cfg.data_root, split)
     names = ["background", *ds.classes]
     evs = {w: CAMEvaluator(len(names), class_names=names) for w in which}
     settings = cam_settings(cfg, run_dir)
-    for i in tqdm(range(len(ds)), desc=f"eval CAMs {split}"):
-        gt = ds.mask(i)
-        if gt is None: raise BadInputError(f"split {split!r} of {ds.root} has no ground-truth mask for {ds.name(i)}")
-        path = cam_path(run_dir, ds.name(i))
+    for i, gt in scored_images(ds, desc=f"eval CAMs {split}"):
+        path = run.cam_file(ds.name(i))
         if not path.is_file(): raise BadInputError(f"{path}: missing CAM file for image {ds.name(i)}; run infer_cams first")
         z = load_npz(path, required=("keys", *which))
         if "settings" not in z or str(z["settings"]) != settings:
@@ -173,11 +169,10 @@ def evaluate_cams(run_dir, split: str | None = None, data_root: str | None = Non
             raise BadInputError(f"{path}: CAM classes {z['keys'].tolist()} differ from the image labels {expected.tolist()}")
         for w in which: evs[w].add(gt, z[w].astype(np.float32), z["keys"])
     results = {w: evs[w].result(split=split, which=w) for w in which}
-    fig_dir = run_dir / "figures"
     fig = None
     for w, r in results.items(): fig = viz.plot_threshold_curve(r, ax=fig.axes[0] if fig else None, label=w)
     fig.axes[0].set_title(f"CAM mIoU vs background threshold — split: {split}", fontsize=9)
-    viz.save_figure(fig, fig_dir / f"cam_miou_vs_threshold_{split}.png")
+    viz.save_figure(fig, run.figure(f"cam_miou_vs_threshold_{split}.png"))
     rows = []
     for i in range(min(n_overlays, len(ds))):
         img, gt = ds.image(i), ds.mask(i)
@@ -186,18 +181,10 @@ def evaluate_cams(run_dir, split: str | None = None, data_root: str | None = Non
             keys, maps = load_cams(run_dir, ds.name(i), w)
             row.append(viz.overlay_cam(img, maps.max(0)))
         rows.append(row)
-    if rows: viz.image_grid(rows, col_titles=["image", "ground truth", *which], path=fig_dir / f"cam_overlays_{split}.png")
-    metrics_path = run_dir / "metrics.json"
-    metrics = load_json(metrics_path) if metrics_path.is_file() else {}
-    metrics.setdefault("cam_miou", {})
-    metrics.setdefault("cam_eval", {})
-    for w, r in results.items():
-        name = {"cls": "classifier"}.get(w, w)
-        metrics["cam_miou"][name] = r["miou"]
-        metrics["cam_eval"][name] = r
-    metrics["cam_split"], metrics["cam_settings"] = split, json.loads(settings)
-    save_json(metrics_path, metrics)
-    return metrics
+    if rows: viz.image_grid(rows, col_titles=["image", "ground truth", *which], path=run.figure(f"cam_overlays_{split}.png"))
+    names = {w: {"cls": "classifier"}.get(w, w) for w in results}
+    return run.record_metrics(cam_miou={names[w]: r["miou"] for w, r in results.items()},
+                              cam_eval={names[w]: r for w, r in results.items()}, cam_split=split, cam_settings=json.loads(settings))
 
 # %% ../nbs/11_cams.ipynb #bec743cc
 SUMMARY_ROWS = {"baseline": "baseline: classifier CAM, trained without L_con", "classifier": "classifier CAM of the POT network",
@@ -216,20 +203,17 @@ def baseline_config(cfg: POTConfig, out_dir=None) -> POTConfig:
 
 def add_baseline(run_dir, baseline_dir) -> dict:
     "Put the baseline run's classifier CAM (and POT at inference on it) into `run_dir/metrics.json` as `baseline` (`baseline_pot`)."
-    from pot.train import RUNTIME_FIELDS
-    run_dir, baseline_dir = Path(run_dir), Path(baseline_dir)
-    cfg, base = (load_json(d / "config.json")["config"] for d in (run_dir, baseline_dir))
-    diff = sorted(k for k in set(cfg) | set(base) if k not in (*RUNTIME_FIELDS, *_POT_ONLY) and cfg.get(k) != base.get(k))
+    run, base_run = Run(run_dir), Run(baseline_dir)
+    cfg, base = run.stored()["config"], base_run.stored()["config"]
+    diff = sorted(k for k in set(cfg) | set(base) if k not in (*POTConfig.RUNTIME, *_POT_ONLY) and cfg.get(k) != base.get(k))
     if diff or base.get("lambda_con") != 0:
         raise BadInputError(f"{baseline_dir} is not the baseline of {run_dir}: it differs in {diff or ['lambda_con != 0']}")
-    metrics, b = load_json(run_dir / "metrics.json"), load_json(baseline_dir / "metrics.json")
+    metrics, b = run.metrics(), base_run.metrics()
     if b.get("cam_split") != metrics.get("cam_split"):
         raise BadInputError(f"{baseline_dir}: CAMs scored on split {b.get('cam_split')!r}, the run's on {metrics.get('cam_split')!r}")
-    for key, src in (("baseline", "classifier"), ("baseline_pot", "pot")):
-        metrics["cam_miou"][key], metrics["cam_eval"][key] = b["cam_miou"][src], b["cam_eval"][src]
-    metrics["baseline_run"] = str(baseline_dir)
-    save_json(run_dir / "metrics.json", metrics)
-    return metrics
+    pairs = (("baseline", "classifier"), ("baseline_pot", "pot"))
+    return run.record_metrics(cam_miou={k: b["cam_miou"][s] for k, s in pairs}, cam_eval={k: b["cam_eval"][s] for k, s in pairs},
+                              baseline_run=str(baseline_dir))
 
 
 def _default_rows(metrics: dict) -> tuple:
@@ -259,7 +243,7 @@ def per_class_table(metrics: dict, rows: tuple | None = None):
 
 def print_summary(run_dir) -> None:
     "Print a run's CAM summary table (markdown) and the per-class IoU, from its metrics.json."
-    metrics = load_json(Path(run_dir) / "metrics.json")
+    metrics = Run(run_dir).metrics()
     print(f"CAM mIoU (%) on the {metrics['cam_split']} split — run {run_dir}")
     print(summary_table(metrics).to_string())
     print()

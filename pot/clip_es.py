@@ -5,17 +5,11 @@
 # %% ../nbs/12_clip_es.ipynb #54a61b57
 from __future__ import annotations
 
-import argparse
 import contextlib
-import functools
 import math
 import os
-import re
-import socket
 import time
-import warnings
-import weakref
-import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -23,383 +17,20 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from tqdm.auto import tqdm
 
-from .core import BadInputError, cli_main, env_info, load_checkpoint, load_json, load_npz, resolve_device, keep_freed_memory
-from .core import save_checkpoint, save_json, save_npz
+from .cli import Parser, add_config_flags
+from .clip import PATCH, clip_input_size, clip_prompts, convert_openai_checkpoint, last_block_gradcam, load_clip
+from .clip import preprocess_image, text_features, timed, vit_trunk
+from .core import BadInputError, JSONConfig, cli_main, env_info, keep_freed_memory, load_json, load_npz, resolve_device
+from .core import save_json, save_npz
+from .runs import ImageOutputs, scored_images
 
 # %% auto #0
-__all__ = ['PROMPT_TEMPLATE', 'BACKGROUND_WORDS', 'CLASS_PROMPTS', 'OPENAI_EXTRA_KEYS', 'CLIP_MEAN', 'CLIP_STD', 'PATCH',
-           'CACHE_META', 'COCO_TRAIN_IMAGES', 'COCO_MAP_VALUES', 'prompt_words', 'background_words', 'clip_prompts',
-           'clip_model_name', 'convert_openai_checkpoint', 'read_clip_state_dict', 'load_clip', 'encode_prompts',
-           'text_features', 'clip_input_size', 'preprocess_image', 'interpolate_pos_embed', 'vit_trunk',
-           'last_block_gradcam', 'minmax', 'scale_gradcam', 'attention_affinity', 'cam_box_masks', 'refine_cams',
-           'clip_es_batch', 'clip_es_cams', 'upsample_cams', 'cache_file', 'cache_size', 'write_clip_cam',
-           'read_clip_cam', 'projected_cache_bytes', 'load_seed_cam', 'ClipSeedCams', 'build_clip_cache',
-           'evaluate_clip_cache', 'clip_cams_main', 'clip_cams_cli']
-
-# %% ../nbs/12_clip_es.ipynb #1b4a6bf1
-PROMPT_TEMPLATE = "a clean origami {}."
-
-BACKGROUND_WORDS = ("ground", "land", "grass", "tree", "building", "wall", "sky", "lake", "water", "river", "sea",
-                    "railway", "railroad", "keyboard", "helmet", "cloud", "house", "mountain", "ocean", "road", "rock",
-                    "street", "valley", "bridge", "sign")
-
-CLASS_PROMPTS = {
-    # PASCAL VOC
-    "aeroplane": "aeroplane", "bicycle": "bicycle", "bird": "bird avian", "boat": "boat", "bottle": "bottle",
-    "bus": "bus", "car": "car", "cat": "cat", "chair": "chair seat", "cow": "cow", "diningtable": "diningtable",
-    "dog": "dog", "horse": "horse", "motorbike": "motorbike", "person": "person with clothes,people,human",
-    "pottedplant": "pottedplant", "sheep": "sheep", "sofa": "sofa", "train": "train", "tvmonitor": "tvmonitor screen",
-    # COCO's official names of the VOC classes
-    "airplane": "aeroplane", "motorcycle": "motorbike", "couch": "sofa", "potted plant": "pottedplant",
-    "dining table": "diningtable", "tv": "tvmonitor screen",
-    # the other COCO classes
-    "truck": "truck", "traffic light": "traffic light", "fire hydrant": "fire hydrant", "stop sign": "stop sign",
-    "parking meter": "parking meter", "bench": "bench", "elephant": "elephant", "bear": "bear", "zebra": "zebra",
-    "giraffe": "giraffe", "backpack": "backpack,bag", "umbrella": "umbrella,parasol", "handbag": "handbag,purse",
-    "tie": "necktie", "suitcase": "suitcase", "frisbee": "frisbee", "skis": "skis", "snowboard": "snowboard",
-    "sports ball": "sports ball", "kite": "kite", "baseball bat": "baseball bat", "baseball glove": "glove",
-    "skateboard": "skateboard", "surfboard": "surfboard", "tennis racket": "tennis racket", "wine glass": "wine glass",
-    "cup": "cup", "fork": "fork", "knife": "knife", "spoon": "dessertspoon", "bowl": "bowl", "banana": "banana",
-    "apple": "apple", "sandwich": "sandwich", "orange": "orange", "broccoli": "broccoli", "carrot": "carrot",
-    "hot dog": "hot dog", "pizza": "pizza", "donut": "donut", "cake": "cake", "bed": "bed", "toilet": "toilet",
-    "laptop": "laptop", "mouse": "mouse", "remote": "remote control", "keyboard": "keyboard",
-    "cell phone": "cell phone", "microwave": "microwave", "oven": "oven", "toaster": "toaster", "sink": "sink",
-    "refrigerator": "refrigerator", "book": "book", "clock": "clock", "vase": "vase", "scissors": "scissors",
-    "teddy bear": "teddy bear", "hair drier": "hairdrier,blowdrier", "toothbrush": "toothbrush",
-}
-
-# %% ../nbs/12_clip_es.ipynb #970da6fc
-def _name_key(name: str) -> str: return re.sub(r"[\s_\-]+", "", name.strip().lower())
-
-_PROMPT_LOOKUP = {_name_key(k): v for k, v in CLASS_PROMPTS.items()}
-
-
-def prompt_words(name: str) -> str:
-    "The words CLIP-ES puts into the template for class `name`: its synonyms when known (VOC/COCO), else the name."
-    if not isinstance(name, str) or not name.strip(): raise BadInputError(f"class name {name!r}; expected a non-empty string")
-    return _PROMPT_LOOKUP.get(_name_key(name), name.strip().replace("_", " "))
-
-
-def background_words(classes: Sequence[str]) -> list[str]:
-    "`BACKGROUND_WORDS` minus every word that appears in a foreground class name of `classes`."
-    fg = {w for c in classes for w in re.split(r"[^a-z0-9]+", c.lower()) if w}
-    return [w for w in BACKGROUND_WORDS if w not in fg]
-
-
-def clip_prompts(classes: Sequence[str]) -> tuple[list[str], list[str]]:
-    "(foreground prompts in label order, background prompts) for a dataset with foreground `classes`."
-    if len(classes) == 0: raise BadInputError("classes is empty; expected the dataset's foreground class names")
-    return [PROMPT_TEMPLATE.format(prompt_words(c)) for c in classes], [PROMPT_TEMPLATE.format(w) for w in background_words(classes)]
-
-# %% ../nbs/12_clip_es.ipynb #4810067f
-OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
-
-
-def clip_model_name(quick_gelu: bool = True) -> str:
-    "The open_clip config for CLIP-ES: 'ViT-B-16-quickgelu' (OpenAI's activation) unless the weights use exact GELU."
-    return "ViT-B-16-quickgelu" if quick_gelu else "ViT-B-16"
-
-
-def _is_torchscript(path: Path) -> bool:
-    "True when `path` is a TorchScript archive (a zip with compiled code), not a `torch.save` file."
-    if not zipfile.is_zipfile(path): return False
-    with zipfile.ZipFile(path) as z: names = z.namelist()
-    return any("/code/" in n or n.endswith("constants.pkl") for n in names)
-
-
-def convert_openai_checkpoint(src, dst) -> Path:
-    "One-off: OpenAI's TorchScript `ViT-B-16.pt` -> a float32 state dict that `torch.load(weights_only=True)` reads."
-    src = Path(src)
-    if not src.is_file(): raise BadInputError(f"{src}: file not found; expected OpenAI's ViT-B-16.pt (TorchScript archive)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)           # torch.jit is deprecated; this one-off read is its last use
-            sd = torch.jit.load(str(src), map_location="cpu").state_dict()
-    except Exception as e: raise BadInputError(f"{src}: not a TorchScript archive ({type(e).__name__}: {e})") from None
-    sd = {k: (v.float() if v.is_floating_point() else v).clone() for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS}
-    return save_checkpoint(dst, sd)
-
-# %% ../nbs/12_clip_es.ipynb #84dd8d8f
-def read_clip_state_dict(path) -> dict[str, torch.Tensor]:
-    "float32 CLIP state dict from a file in OpenAI or open_clip key format (no pickle, no TorchScript)."
-    path = Path(path)
-    if not path.is_file():
-        raise BadInputError(f"pretrained={str(path)!r}: file not found; expected a CLIP ViT-B/16 state dict (.pt/.pth/.bin/.safetensors)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(path))
-    elif _is_torchscript(path):
-        raise BadInputError(f"{path} is a TorchScript archive (the format of OpenAI's released ViT-B-16.pt); it is not "
-                            f"loaded at run time. Convert it once: `pot-clip-cams --convert-openai {path} --out "
-                            f"{path.with_suffix('.state.pt')}` and pass that file as pretrained")
-    else:
-        sd = load_checkpoint(path)
-    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict): sd = sd["state_dict"]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise BadInputError(f"{path}: expected a dict of tensors (a state dict), got {type(sd).__name__}")
-    sd = {(k[7:] if k.startswith("module.") else k): v for k, v in sd.items()}
-    return {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items() if k not in OPENAI_EXTRA_KEYS}
-
-# %% ../nbs/12_clip_es.ipynb #beb35fe3
-def _hub_reachable(host: str = "huggingface.co", timeout: float = 3.0) -> bool:
-    "Whether a TCP connection to the Hugging Face hub opens within `timeout` seconds (and HF_HUB_OFFLINE is unset)."
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"): return False
-    try:
-        with socket.create_connection((host, 443), timeout=timeout): return True
-    except OSError:
-        return False
-
-
-def _openai_weights_file() -> Path:
-    "OpenAI's ViT-B/16 weights from open_clip's hub cache, downloaded when the hub is reachable; OSError otherwise."
-    from open_clip import pretrained as ocp
-    cfg = ocp.get_pretrained_cfg("ViT-B-16", "openai")
-    repo = cfg["hf_hub"].rstrip("/")
-    try:
-        from huggingface_hub import try_to_load_from_cache
-        for fn in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
-            p = try_to_load_from_cache(repo, fn)
-            if isinstance(p, str): return Path(p)
-    except ImportError:
-        pass
-    if not _hub_reachable(): raise OSError(f"the Hugging Face hub is not reachable and {repo} is not in the local cache")
-    return Path(ocp.download_pretrained(cfg))
-
-
-def _openai_hint() -> str:
-    from open_clip import pretrained as ocp
-    cfg = ocp.get_pretrained_cfg("ViT-B-16", "openai")
-    return (f"pass a local file instead: pretrained='/path/to/weights', either open_clip_model.safetensors / "
-            f"open_clip_pytorch_model.bin from https://huggingface.co/{cfg['hf_hub'].rstrip('/')}, or OpenAI's "
-            f"ViT-B-16.pt ({cfg['url']}) converted once with `pot-clip-cams --convert-openai ViT-B-16.pt --out ViT-B-16.state.pt`")
-
-# %% ../nbs/12_clip_es.ipynb #ab5c14ab
-def load_clip(pretrained: str | os.PathLike | None = "openai", device="cpu", quick_gelu: bool = True, seed: int = 0):
-    "Frozen open_clip CLIP ViT-B/16 in float32 eval mode: OpenAI weights ('openai'), a local state-dict file, or seeded random weights (None)."
-    import open_clip
-    name = clip_model_name(quick_gelu)
-    sd = path = None
-    if pretrained is not None:                      # resolve and read the weights before building the model
-        if str(pretrained) == "openai":
-            try: path = _openai_weights_file()
-            except Exception as e:
-                raise BadInputError(f"pretrained='openai': OpenAI's ViT-B/16 weights are not cached and could not be "
-                                    f"downloaded ({type(e).__name__}: {e}); {_openai_hint()}") from None
-        else:
-            path = Path(pretrained)
-        sd = read_clip_state_dict(path)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import logging
-            level = logging.getLogger().level; logging.getLogger().setLevel(logging.ERROR)
-            try: model = open_clip.create_model(name, pretrained=None, device="cpu")
-            finally: logging.getLogger().setLevel(level)
-    if sd is not None:
-        if "logit_scale" in sd: sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
-        missing, unexpected = [k for k in model.state_dict() if k not in sd], [k for k in sd if k not in model.state_dict()]
-        if missing or unexpected:
-            raise BadInputError(f"{path}: not a CLIP ViT-B/16 state dict for {name}: {len(missing)} missing key(s) "
-                                f"{missing[:4]}, {len(unexpected)} unexpected key(s) {unexpected[:4]}")
-        try: model.load_state_dict(sd, strict=True)
-        except RuntimeError as e: raise BadInputError(f"{path}: weights do not fit {name} ({e})") from None
-    model = model.float().eval().requires_grad_(False).to(resolve_device(str(device)) if isinstance(device, str) else device)
-    model.pot_clip = dict(name=name, pretrained=None if pretrained is None else str(pretrained), seed=seed if pretrained is None else None)
-    return model
-
-# %% ../nbs/12_clip_es.ipynb #ae05c904
-_TEXT_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-@functools.lru_cache(maxsize=2)
-def _tokenizer(name: str):
-    import open_clip
-    return open_clip.get_tokenizer(name)
-
-
-@torch.no_grad()
-def _encode_text(model, tokens: torch.Tensor) -> torch.Tensor:
-    "open_clip's `encode_text`, truncated after the last end-of-text token (exact: the text tower is causal)."
-    if getattr(model, "text_pool_type", None) != "argmax" or getattr(model, "attn_mask", None) is None:
-        return model.encode_text(tokens)
-    L = int(tokens.argmax(-1).max()) + 1            # the end-of-text token has the largest id
-    t = tokens[:, :L]
-    x = model.token_embedding(t) + model.positional_embedding[:L]
-    x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:L, :L]))
-    return x[torch.arange(len(t), device=t.device), t.argmax(-1)] @ model.text_projection
-
-
-@torch.no_grad()
-def encode_prompts(model, prompts: Sequence[str]) -> torch.Tensor:
-    "L2-normalised float32 text embeddings (n, E) of `prompts`, from one batched call of the text tower; cached."
-    dev = next(model.parameters()).device
-    key = (str(dev), tuple(prompts))
-    cache = _TEXT_CACHE.setdefault(model, {})
-    if key not in cache:
-        tokens = _tokenizer(getattr(model, "pot_clip", {}).get("name", "ViT-B-16-quickgelu"))(list(prompts)).to(dev)
-        cache[key] = F.normalize(_encode_text(model, tokens).float(), dim=-1)
-    return cache[key]
-
-
-def text_features(model, classes: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    "(foreground (C, E), background (n_bg, E)) normalised text embeddings of a dataset's vocabulary, encoded together."
-    fg, bg = clip_prompts(classes)
-    t = encode_prompts(model, fg + bg)
-    return t[:len(fg)], t[len(fg):]
-
-# %% ../nbs/12_clip_es.ipynb #f3b82db4
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PATCH = 16
-
-
-def clip_input_size(hw: Sequence[int], patch: int = PATCH) -> tuple[int, int]:
-    "(H, W) rounded up to multiples of `patch`."
-    return int(math.ceil(hw[0] / patch) * patch), int(math.ceil(hw[1] / patch) * patch)
-
-
-def preprocess_image(img: np.ndarray, patch: int = PATCH) -> torch.Tensor:
-    "float32 (3, H', W') CLIP input from a uint8 (H, W, 3) RGB image: bicubic resize to the padded size, CLIP mean/std."
-    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
-        raise BadInputError(f"image: expected a uint8 (H, W, 3) RGB array, got {type(img).__name__} "
-                            f"{getattr(img, 'dtype', '')} {getattr(img, 'shape', '')}")
-    h, w = clip_input_size(img.shape[:2], patch)
-    pix = np.array(Image.fromarray(img).resize((w, h), Image.BICUBIC))
-    x = torch.from_numpy(pix).permute(2, 0, 1).float().div_(255)
-    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]
-
-
-def interpolate_pos_embed(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    "(1 + gh*gw, D) positional embedding: the class token's row, then the square patch grid resized bilinearly to `grid`."
-    g = int(round(math.sqrt(pos.shape[0] - 1)))
-    if g * g != pos.shape[0] - 1: raise BadInputError(f"positional embedding has {pos.shape[0]} rows; expected 1 + a square")
-    if tuple(grid) == (g, g): return pos
-    p = pos[1:].reshape(1, g, g, -1).permute(0, 3, 1, 2)
-    p = F.interpolate(p, size=tuple(grid), mode="bilinear", align_corners=False)
-    return torch.cat([pos[:1], p.permute(0, 2, 3, 1).reshape(-1, pos.shape[1])])
-
-# %% ../nbs/12_clip_es.ipynb #893bdec6
-def _heads(mha, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    "Queries, keys and values (B, h, L, D/h) of `mha` from its input projection qkv (B, L, 3D)."
-    B, L, D3 = qkv.shape
-    return qkv.view(B, L, 3, mha.num_heads, D3 // (3 * mha.num_heads)).permute(2, 0, 3, 1, 4).unbind(0)
-
-
-def _attend(mha, qkv: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    "Head outputs o (B, h, L, D/h) of `mha` from qkv (B, L, 3D); with `need_weights` also the attention P (B, h, L, L) of every head."
-    q, k, v = _heads(mha, qkv)
-    if not need_weights: return F.scaled_dot_product_attention(q, k, v), None
-    P = torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1), dim=-1)
-    return P @ v, P
-
-
-def _block_tail(block, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-    "The rest of an open_clip block after the attention core: output projection of the head outputs o (B, h, L, D/h), residual, MLP."
-    B, h, L, d = o.shape
-    x = x + block.ls_1(block.attn.out_proj(o.transpose(1, 2).reshape(B, L, h * d)))
-    return x + block.ls_2(block.mlp(block.ln_2(x)))
-
-
-def _block(block, x: torch.Tensor, need_weights: bool = False, qkv: torch.Tensor | None = None):
-    "One residual attention block of open_clip and, with `need_weights`, its head-averaged attention (B, L, L); `qkv` overrides the input projection of `ln_1(x)`."
-    if qkv is None: qkv = F.linear(block.ln_1(x), block.attn.in_proj_weight, block.attn.in_proj_bias)
-    o, P = _attend(block.attn, qkv, need_weights)
-    return _block_tail(block, x, o), None if P is None else P.mean(1)
-
-
-@torch.no_grad()
-def vit_trunk(visual, x: torch.Tensor, n_attn: int = 8) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
-    "Embed x (B,3,H,W), run all blocks but the last: (last block's input (B,1+N,D), summed patch attention (B,N,N) of the trunk's last n_attn-1 blocks, grid)."
-    t = visual.conv1(x)
-    grid = tuple(t.shape[-2:])
-    t = t.flatten(2).transpose(1, 2)
-    cls = visual.class_embedding.to(t.dtype).expand(t.shape[0], 1, -1)
-    t = torch.cat([cls, t], 1) + interpolate_pos_embed(visual.positional_embedding, grid).to(t.dtype)
-    t = visual.ln_pre(t)
-    blocks = visual.transformer.resblocks
-    first = len(blocks) - n_attn
-    attn = None
-    for i, blk in enumerate(blocks[:-1]):
-        t, w = _block(blk, t, need_weights=i >= first)
-        if w is not None:
-            w = w[:, 1:, 1:].float()
-            attn = w if attn is None else attn + w
-    return t, attn, grid
-
-# %% ../nbs/12_clip_es.ipynb #9cffe126
-@contextlib.contextmanager
-def _timed(timer: dict | None, name: str, device: torch.device):
-    "Add the wall time of the block to timer[name] (synchronising CUDA); no-op when timer is None."
-    if timer is None:
-        yield
-        return
-    if device.type == "cuda": torch.cuda.synchronize(device)
-    t = time.perf_counter()
-    try: yield
-    finally:
-        if device.type == "cuda": torch.cuda.synchronize(device)
-        timer[name] = timer.get(name, 0.0) + time.perf_counter() - t
-
-
-def _patch_sum_qkv_grad(q, k, v, P, o, dO) -> torch.Tensor:
-    "Σ over patch tokens 1..L-1 of the gradients of q, k, v (B, h, L, d) for cotangents dO (n, B, h, L, d) of o = P v, P = softmax(q kᵀ/√d): (n, B, 3hd)."
-    q, k, v, P, o, dO = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (q, k, v, P, o, dO))
-    scale = q.shape[-1] ** -0.5
-    delta = (dO * o).sum(-1)                                                    # δ_s = dO_s·o_s  (n, B, h, L)
-    p0 = P[..., 0]                                                              # each query's attention to the class token
-    dv = torch.einsum("bhs,nbhsd->nbhd", 1 - p0, dO)
-    dk = scale * torch.einsum("nbhs,bhsd->nbhd", p0 * (delta - (dO * v[:, :, :1]).sum(-1)), q)
-    Y = torch.einsum("bhst,nbhse->nbhte", P[:, :, 1:], torch.cat([dO, delta[..., None]], -1)[..., 1:, :])   # the one L x L product
-    dq = scale * torch.einsum("nbht,bhtd->nbhd", (v * Y[..., :-1]).sum(-1) - Y[..., -1], k)
-    return torch.stack([dq, dk, dv], 2).flatten(2)
-
-
-def last_block_gradcam(model, x: torch.Tensor, text: torch.Tensor, valid: torch.Tensor, n_max: int,
-                       batched: bool = True, timer: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    "GradCAM (B, n_max, N) at the last block's ln_1 output for the softmax scores of text rows 0..n_max-1, and the last block's patch attention (B, N, N)."
-    visual, dev = model.visual, x.device
-    blk = visual.transformer.resblocks[-1]
-    W = blk.attn.in_proj_weight
-    scale = model.logit_scale.exp().float()
-    x = x.detach()
-    with torch.no_grad():
-        a = blk.ln_1(x)
-        qkv0 = F.linear(a, W, blk.attn.in_proj_bias)
-
-    def scores(out):
-        e = F.normalize((visual.ln_post(out)[:, 1:].mean(1) @ visual.proj).float(), dim=-1)
-        logits = (scale * torch.einsum("be,bte->bt", e, text)).masked_fill(~valid, float("-inf"))
-        return logits.softmax(-1)
-
-    if batched:
-        with _timed(timer, "last_block", dev):
-            with torch.no_grad(): o, P = _attend(blk.attn, qkv0, need_weights=True)
-            o_leaf = o.detach().requires_grad_(True)
-            with torch.enable_grad(): p = scores(_block_tail(blk, x, o_leaf))
-        with _timed(timer, "backward", dev):
-            go = torch.zeros((n_max,) + tuple(p.shape), device=dev, dtype=p.dtype)
-            go[torch.arange(n_max), :, torch.arange(n_max)] = 1
-            dO = torch.autograd.grad(p, o_leaf, go, is_grads_batched=True)[0]            # (n_max, B, h, L, d)
-            gsum = _patch_sum_qkv_grad(*_heads(blk.attn, qkv0), P, o, dO).transpose(0, 1)   # (B, n_max, 3D)
-        w = P.mean(1)
-    else:
-        gs = []
-        for k in range(n_max):
-            with torch.enable_grad():
-                qkv = qkv0.detach().requires_grad_(True)
-                with _timed(timer, "last_block", dev):
-                    out, w = _block(blk, x, need_weights=True, qkv=qkv)
-                    p = scores(out)
-                with _timed(timer, "backward", dev): gs.append(torch.autograd.grad(p[:, k].sum(), qkv)[0])
-        gsum = torch.stack(gs, 1)[:, :, 1:].sum(2)
-    with _timed(timer, "refine", dev):
-        weights = gsum.float() / (x.shape[1] - 1) @ W.float()                      # (B, n_max, D): mean over patches of dp/da
-        cam = torch.relu(torch.einsum("bkd,bnd->bkn", weights, a[:, 1:].float()))
-    return cam, w[:, 1:, 1:].detach().float()
+__all__ = ['CACHE_META', 'COCO_TRAIN_IMAGES', 'COCO_MAP_VALUES', 'minmax', 'scale_gradcam', 'attention_affinity', 'cam_box_masks',
+           'refine_cams', 'clip_es_batch', 'clip_es_cams', 'upsample_cams', 'cache_file', 'cache_size',
+           'write_clip_cam', 'read_clip_cam', 'projected_cache_bytes', 'load_seed_cam', 'ClipSeedCams',
+           'ClipCacheConfig', 'build_clip_cache', 'evaluate_clip_cache', 'clip_cams_main', 'clip_cams_cli']
 
 # %% ../nbs/12_clip_es.ipynb #6d3535c6
 def minmax(x: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -474,9 +105,9 @@ def clip_es_batch(model, x: torch.Tensor, keys: Sequence, fg_text: torch.Tensor,
     valid = torch.ones(B, text.shape[1], dtype=torch.bool, device=dev)
     valid[:, :n_max] = torch.arange(n_max, device=dev) < n.to(dev)[:, None]
     with _autocast(dev, amp):
-        with _timed(timer, "shared", dev): xin, attn, grid = vit_trunk(model.visual, x, n_attn)
+        with timed(timer, "shared", dev): xin, attn, grid = vit_trunk(model.visual, x, n_attn)
         cam, attn_last = last_block_gradcam(model, xin, text, valid, n_max, batched, timer)
-    with _timed(timer, "refine", dev):
+    with timed(timer, "refine", dev):
         attn = attn_last if attn is None else attn + attn_last
         T = attention_affinity(attn / n_attn, rounds)
         cam = scale_gradcam(cam.view(B, n_max, *grid))
@@ -501,7 +132,7 @@ def clip_es_cams(model, images: Sequence[np.ndarray], keys: Sequence, classes: S
     for idx in groups.values():
         for s in range(0, len(idx), batch_size):
             chunk = idx[s:s + batch_size]
-            with _timed(timer, "preprocess", dev): x = torch.stack([preprocess_image(images[i]) for i in chunk]).to(dev)
+            with timed(timer, "preprocess", dev): x = torch.stack([preprocess_image(images[i]) for i in chunk]).to(dev)
             r = clip_es_batch(model, x, [keys[i] for i in chunk], fg_t, bg_t, timer=timer, **kw)
             for j, i in enumerate(chunk): out[i] = r["cam"][j, :int(r["n"][j])].float().cpu()
     return out
@@ -607,6 +238,32 @@ class ClipSeedCams:
         if name not in self.index: raise BadInputError(f"{name!r} is not an image of {self.ds}")
         return load_seed_cam(self.cache_dir, name, self.ds.labels(self.index[name]), size, self.ds.classes)
 
+# %% ../nbs/12_clip_es.ipynb #c1e50004
+@dataclass
+class ClipCacheConfig(JSONConfig):
+    "The parameters of a CLIP-ES cache: the keywords of `build_clip_cache` and the flags of `pot-clip-cams`; the defaults are the reference's."
+    data_root: str | None = None        # dataset folder in VOC layout
+    split: str = "train"                 # split whose images get seed maps
+    out: str | None = None               # cache folder (with --convert_openai: the state-dict file to write)
+    dataset: str = "voc"                 # voc | coco | toyvoc
+    pretrained: str | None = "openai"    # 'openai', a local state-dict file, or none (random weights: tests and demos only)
+    device: str = "auto"                 # auto | cpu | cuda | cuda:N
+    batch_size: int = 1                  # images per forward pass (only images of equal padded size share one)
+    cache_stride: int = PATCH            # the stored maps are ceil(H/s) x ceil(W/s); 16 stores the patch grid itself
+    n_attn: int = 8                      # the attention of the last n_attn blocks makes the affinity
+    threshold: float = 0.4               # box threshold, a fraction of each 8-bit GradCAM's maximum
+    rounds: int = 3                      # Sinkhorn rounds of the affinity
+    amp: bool = False                    # autocast the network (GPUs; outside the parity tolerance); false: float32
+    full_box_edges: bool = False         # boxes touching the right/bottom border keep their last row/column (false: the reference's clipping)
+    num_workers: int = 0                 # DataLoader processes that decode the images
+    seed: int = 0                        # seed of the random weights (pretrained none)
+
+    def __post_init__(self):
+        ok = dict(batch_size=self.batch_size >= 1, cache_stride=self.cache_stride >= 1, n_attn=self.n_attn >= 1,
+                  threshold=0 <= self.threshold <= 1, rounds=self.rounds >= 0, num_workers=self.num_workers >= 0)
+        bad = [k for k, v in ok.items() if not v]
+        if bad: raise BadInputError(f"CLIP-ES cache parameter(s) out of range: {', '.join(f'{k}={getattr(self, k)}' for k in bad)}")
+
 # %% ../nbs/12_clip_es.ipynb #4ecb02ca
 def _dist_env(rank, world_size) -> tuple[int, int, int]:
     "(rank, world size, local rank) from the arguments or torchrun's RANK / WORLD_SIZE / LOCAL_RANK."
@@ -616,23 +273,16 @@ def _dist_env(rank, world_size) -> tuple[int, int, int]:
     return r, w, int(os.environ.get("LOCAL_RANK", r))
 
 
-def _cache_settings(model, classes, cache_stride, n_attn, threshold, rounds, amp, full_box_edges) -> dict:
+def _cache_settings(model, classes, cfg: ClipCacheConfig) -> dict:
+    "What the maps of a cache depend on (format 2): compared on resume, recorded as `settings` in `clip_es.json`."
     fg, bg = clip_prompts(classes)
     meta = dict(getattr(model, "pot_clip", {}))
     if meta.get("pretrained") not in (None, "openai") and Path(meta["pretrained"]).is_file():
         p = Path(meta["pretrained"]).resolve()
         meta["pretrained"], meta["pretrained_bytes"] = str(p), p.stat().st_size
-    return dict(format=2, clip=meta, classes=list(classes), fg_prompts=fg, bg_prompts=bg, cache_stride=int(cache_stride),
-                n_attn=int(n_attn), threshold=float(threshold), rounds=int(rounds), amp=bool(amp),
-                full_box_edges=bool(full_box_edges))
-
-
-def _remove_stale_tmp(out: Path, names: set) -> None:
-    "Delete temp files `.<name>.npz.*.tmp` that a killed writer left for this rank's images (no other rank writes them)."
-    with os.scandir(out) as it:
-        for e in it:
-            if e.name.startswith(".") and e.name.endswith(".tmp") and ".npz." in e.name and e.name[1:e.name.rindex(".npz.")] in names:
-                os.unlink(e.path)
+    return dict(format=2, clip=meta, classes=list(classes), fg_prompts=fg, bg_prompts=bg, cache_stride=int(cfg.cache_stride),
+                n_attn=int(cfg.n_attn), threshold=float(cfg.threshold), rounds=int(cfg.rounds), amp=bool(cfg.amp),
+                full_box_edges=bool(cfg.full_box_edges))
 
 
 def _file_state(path: Path, expected_keys) -> str:
@@ -643,38 +293,28 @@ def _file_state(path: Path, expected_keys) -> str:
     return "ok" if sorted(z["keys"].tolist()) == sorted(np.asarray(expected_keys).tolist()) else "mismatch"
 
 # %% ../nbs/12_clip_es.ipynb #7e102a56
-def build_clip_cache(data_root, split: str, out, dataset: str = "voc", pretrained="openai", device: str = "auto",
-                     batch_size: int = 1, cache_stride: int = PATCH, amp: bool = False, overwrite: bool = False,
-                     rank: int | None = None, world_size: int | None = None, limit: int | None = None,
-                     num_workers: int = 0, seed: int = 0, model=None, progress: bool = True, **kw) -> dict:
-    "Write one CLIP-ES `.npz` per image of `split` (this rank's slice) to `out`, resuming; return a summary dict."
+def build_clip_cache(data_root, split: str, out, *, overwrite: bool = False, rank: int | None = None,
+                     world_size: int | None = None, limit: int | None = None, model=None, progress: bool = True,
+                     **params) -> dict:
+    "Write one CLIP-ES `.npz` per image of `split` (this rank's slice) to `out`, resuming; `params`: `ClipCacheConfig` fields. Returns a summary dict."
     from pot.data import load_dataset
     t_start = time.perf_counter()
+    cfg = ClipCacheConfig.from_dict(dict(params, data_root=str(data_root), split=split, out=str(out)))
     rank, world, local = _dist_env(rank, world_size)
-    if batch_size < 1 or cache_stride < 1: raise BadInputError(f"batch_size={batch_size}, cache_stride={cache_stride}; expected >= 1")
-    ds = load_dataset(dataset, data_root, split)
+    ds = load_dataset(cfg.dataset, data_root, split)
     out = Path(out)
-    dev = resolve_device(device)
+    dev = resolve_device(cfg.device)
     keep_freed_memory()
     if dev.type == "cuda" and dev.index is None and world > 1: dev = torch.device(f"cuda:{local}")
-    if model is None: model = load_clip(pretrained, dev, seed=seed)
+    if model is None: model = load_clip(cfg.pretrained, dev, seed=cfg.seed)
     else: model = model.to(dev)
-    settings = _cache_settings(model, ds.classes, cache_stride, kw.get("n_attn", 8), kw.get("threshold", 0.4),
-                               kw.get("rounds", 3), amp, kw.get("full_box_edges", False))
-    meta_path = out / CACHE_META
-    if meta_path.is_file() and not overwrite:
-        old = load_json(meta_path).get("settings", {})
-        diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if diff: raise BadInputError(f"{meta_path}: the cache in {out} was built with other settings ({diff}); "
-                                     f"use another --out, or overwrite=True to rebuild it")
-    elif not meta_path.is_file() and out.is_dir() and any(out.glob("*.npz")) and not overwrite:
+    if not (out / CACHE_META).is_file() and out.is_dir() and any(out.glob("*.npz")) and not overwrite:
         raise BadInputError(f"{out} holds .npz files but no {CACHE_META}; it was not written by build_clip_cache "
                             f"(use another --out, or overwrite=True)")
-    save_json(meta_path, dict(settings=settings, classes=list(ds.classes), dataset=dataset, split=ds.split,
-                              data_root=str(data_root), env=env_info()["packages"]))
-
     idx = list(range(len(ds)))[:limit][rank::world]
-    _remove_stale_tmp(out, {ds.name(i) for i in idx})
+    record = dict(classes=list(ds.classes), dataset=cfg.dataset, split=ds.split, data_root=cfg.data_root, env=env_info()["packages"])
+    ImageOutputs(out, _cache_settings(model, ds.classes, cfg), suffix=".npz", params_file=CACHE_META, key="settings",
+                 record=record).prepare([ds.name(i) for i in idx], overwrite)   # other settings: an error; this rank's temp files: removed
     todo, bad = [], []
     for i in tqdm(idx, desc=f"check cache (rank {rank})", disable=not progress or len(idx) < 1000, leave=False):
         path, keys = cache_file(out, ds.name(i)), _keys_of(ds.labels(i))
@@ -686,26 +326,27 @@ def build_clip_cache(data_root, split: str, out, dataset: str = "voc", pretraine
     todo.sort(key=lambda i: (clip_input_size(sizes[i]), i))
     batches, cur = [], []
     for i in todo:
-        if cur and (len(cur) == batch_size or clip_input_size(sizes[cur[0]]) != clip_input_size(sizes[i])):
+        if cur and (len(cur) == cfg.batch_size or clip_input_size(sizes[cur[0]]) != clip_input_size(sizes[i])):
             batches.append(cur); cur = []
         cur.append(i)
     if cur: batches.append(cur)
 
-    loader = torch.utils.data.DataLoader(_ImageBatches(ds, batches), batch_size=None, num_workers=num_workers,
+    loader = torch.utils.data.DataLoader(_ImageBatches(ds, batches), batch_size=None, num_workers=cfg.num_workers,
                                          collate_fn=_identity)
     t_comp, n_done = 0.0, 0
     with tqdm(total=len(todo), desc=f"CLIP-ES {ds.split} (rank {rank}/{world})", disable=not progress, unit="img") as bar:
         for names, images, keys, hws in loader:
             t0 = time.perf_counter()
-            cams = clip_es_cams(model, images, keys, ds.classes, batch_size=batch_size, amp=amp, **kw)
+            cams = clip_es_cams(model, images, keys, ds.classes, batch_size=cfg.batch_size, amp=cfg.amp, n_attn=cfg.n_attn,
+                                threshold=cfg.threshold, rounds=cfg.rounds, full_box_edges=cfg.full_box_edges)
             for name, k, c, hw in zip(names, keys, cams, hws):
-                write_clip_cam(cache_file(out, name), k, c, hw, cache_stride)
+                write_clip_cam(cache_file(out, name), k, c, hw, cfg.cache_stride)
             t_comp += time.perf_counter() - t0
             n_done += len(names)
             bar.update(len(names))
 
     n_bytes = sum(cache_file(out, ds.name(i)).stat().st_size for i in idx)
-    n_values = sum(int(np.prod(cache_size(sizes[i] if i in sizes else ds.image_size(i), cache_stride))) * len(_keys_of(ds.labels(i)))
+    n_values = sum(int(np.prod(cache_size(sizes[i] if i in sizes else ds.image_size(i), cfg.cache_stride))) * len(_keys_of(ds.labels(i)))
                    for i in idx)
     bpi = n_bytes / max(len(idx), 1)
     summary = dict(split=ds.split, rank=rank, world_size=world, n_images=len(idx), n_computed=n_done,
@@ -713,7 +354,7 @@ def build_clip_cache(data_root, split: str, out, dataset: str = "voc", pretraine
                    bytes_per_map_value=round(n_bytes / max(n_values, 1), 3),
                    projected_coco_train_gb=round(projected_cache_bytes(n_bytes, len(idx), n_values) / 1e9, 3),
                    compute_seconds=round(t_comp, 2), images_per_s=round(n_done / t_comp, 3) if t_comp > 0 else None,
-                   seconds=round(time.perf_counter() - t_start, 2), device=str(dev), batch_size=batch_size)
+                   seconds=round(time.perf_counter() - t_start, 2), device=str(dev), batch_size=cfg.batch_size)
     save_json(out / ("summary.json" if world == 1 else f"summary-rank{rank}.json"), summary)
     return summary
 
@@ -739,8 +380,8 @@ def evaluate_clip_cache(data_root, split: str, cache_dir, dataset: str = "voc", 
     ds = load_dataset(dataset, data_root, split)
     if ds.mask_dir is None: raise BadInputError(f"split {ds.split!r} of {data_root} has no masks; CAMs cannot be scored")
     ev = CAMEvaluator(ds.num_classes + 1, class_names=list(ds.classes))
-    for i in tqdm(range(len(ds))[:limit], desc=f"evaluate CLIP-ES {ds.split}", disable=not progress):
-        path, gt = cache_file(cache_dir, ds.name(i)), ds.mask(i)
+    for i, gt in scored_images(ds, limit, desc=f"evaluate CLIP-ES {ds.split}", min_bar=0 if progress else len(ds) + 1):
+        path = cache_file(cache_dir, ds.name(i))
         z = read_clip_cam(path)
         _check_keys(path, z["keys"], _keys_of(ds.labels(i)), ds.classes)
         ev.add(gt, upsample_cams(z["cams"], gt.shape).numpy(), z["keys"].astype(np.int64))
@@ -751,39 +392,26 @@ def evaluate_clip_cache(data_root, split: str, cache_dir, dataset: str = "voc", 
 # %% ../nbs/12_clip_es.ipynb #ea4a6258
 def clip_cams_main(argv: Sequence[str] | None = None) -> dict | Path:
     "`pot-clip-cams` with its result: the build summary (with 'eval' when --eval), or the converted file's path."
-    p = argparse.ArgumentParser(prog="pot-clip-cams", description="CLIP-ES seed CAMs (METHOD.md §4), one .npz per image.")
-    p.add_argument("--data-root", help="dataset folder in VOC layout")
-    p.add_argument("--split", default="train")
-    p.add_argument("--out", required=True, help="cache folder (or, with --convert-openai, the state-dict file to write)")
-    p.add_argument("--dataset", default="voc", choices=("voc", "coco", "toyvoc"))
-    p.add_argument("--pretrained", default="openai", help="'openai', a local state-dict file, or 'none' (random weights)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--cache-stride", type=int, default=PATCH)
-    p.add_argument("--amp", action="store_true", help="autocast (GPU); the default is float32")
-    p.add_argument("--full-box-edges", action="store_true",
-                   help="boxes touching the right/bottom border keep their last row/column (the reference clips them; off = parity)")
-    p.add_argument("--overwrite", action="store_true")
+    p = add_config_flags(Parser(prog="pot-clip-cams", description="CLIP-ES seed CAMs (METHOD.md §4), one .npz per image."),
+                         ClipCacheConfig)
+    p.add_argument("--overwrite", action="store_true", help="recompute every image's file, with these settings")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (--pretrained none)")
     p.add_argument("--eval", action="store_true", help="score the cache with the split's masks afterwards")
-    p.add_argument("--convert-openai", metavar="SRC", help="convert OpenAI's TorchScript ViT-B-16.pt to a state dict at --out and exit")
-    a = p.parse_args(argv)
-    if a.convert_openai:
-        dst = convert_openai_checkpoint(a.convert_openai, a.out)
+    p.add_argument("--convert_openai", metavar="SRC", help="convert OpenAI's TorchScript ViT-B-16.pt to a state dict at --out and exit")
+    a = vars(p.parse_args(argv))
+    overwrite, limit, evaluate, src = a.pop("overwrite"), a.pop("limit"), a.pop("eval"), a.pop("convert_openai")
+    cfg = ClipCacheConfig.from_dict(a)
+    if not cfg.out: p.error("--out is required")
+    if src:
+        dst = convert_openai_checkpoint(src, cfg.out)
         print(f"wrote {dst}; pass --pretrained {dst}")
         return dst
-    if not a.data_root: p.error("--data-root is required")
-    pre = None if a.pretrained.lower() == "none" else a.pretrained
-    s = build_clip_cache(a.data_root, a.split, a.out, dataset=a.dataset, pretrained=pre, device=a.device,
-                         batch_size=a.batch_size, cache_stride=a.cache_stride, amp=a.amp, overwrite=a.overwrite,
-                         limit=a.limit, num_workers=a.num_workers, seed=a.seed,
-                         full_box_edges=a.full_box_edges)
+    if not cfg.data_root: p.error("--data_root is required")
+    s = build_clip_cache(overwrite=overwrite, limit=limit, **cfg.to_dict())
     print(f"{s['n_images']} images ({s['n_computed']} computed, {s['n_skipped']} already cached), "
           f"{s['bytes_per_image']:.0f} bytes/image -> COCO train ~{s['projected_coco_train_gb']:.2f} GB")
-    if a.eval and s["rank"] == 0:
-        r = evaluate_clip_cache(a.data_root, a.split, a.out, dataset=a.dataset, limit=a.limit)
+    if evaluate and s["rank"] == 0:
+        r = evaluate_clip_cache(cfg.data_root, cfg.split, cfg.out, dataset=cfg.dataset, limit=limit)
         print(f"CLIP-ES CAM mIoU on {r['split']}: {r['miou']:.2f} at background threshold {r['best_threshold']:.2f}")
         s["eval"] = r
     return s

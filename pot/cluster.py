@@ -5,33 +5,18 @@
 # %% ../nbs/05_cluster.ipynb #62556446
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as Fn
 
-from .core import BadInputError
+from .core import BadInputError, at_least_float32, float32_no_autocast
 
 # %% auto #0
-__all__ = ['at_least_float32', 'float32_no_autocast', 'present_classes', 'normalize_with_background', 'confident_sets',
-           'KMeansResult', 'kmeanspp_init', 'kmeans_uniforms', 'spherical_kmeans', 'class_prototypes']
+__all__ = ['present_classes', 'normalize_with_background', 'confident_sets', 'KMeansResult', 'kmeanspp_init', 'kmeans_uniforms',
+           'spherical_kmeans', 'class_prototypes']
 
 # %% ../nbs/05_cluster.ipynb #ab3dd870
-def at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    "`x` as float32, or as float64 when it already is (k-means and OT never run in half precision)."
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def float32_no_autocast(f):
-    "Decorator: run `f` with CPU and CUDA autocast switched off (k-means and OT stay in float32 inside mixed precision)."
-    @functools.wraps(f)
-    def wrapper(*args, **kwargs):
-        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
-            return f(*args, **kwargs)
-    return wrapper
-
-
 def present_classes(labels: torch.Tensor) -> torch.Tensor:
     "(N, C) multi-hot labels -> (N, C+1) bool presence, background (channel 0) always present."
     if labels.ndim != 2: raise BadInputError(f"labels has shape {tuple(labels.shape)}; expected (N, C) multi-hot")

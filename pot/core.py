@@ -19,16 +19,16 @@ import sys
 import tempfile
 from dataclasses import dataclass, asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PAPER_CAM_SCALES', 'BadInputError', 'cli_main', 'check_finite', 'JSONConfig', 'POTConfig', 'seed_everything',
-           'resolve_device', 'keep_freed_memory', 'atomic_write', 'save_json', 'load_json', 'append_jsonl',
-           'read_jsonl', 'save_npz', 'load_npz', 'save_checkpoint', 'file_sha256', 'load_checkpoint', 'git_commit',
-           'env_info']
+__all__ = ['PAPER_CAM_SCALES', 'BadInputError', 'cli_main', 'at_least_float32', 'float32_no_autocast', 'check_finite',
+           'JSONConfig', 'POTConfig', 'seed_everything', 'resolve_device', 'keep_freed_memory', 'atomic_write',
+           'save_json', 'load_json', 'append_jsonl', 'read_jsonl', 'save_npz', 'load_npz', 'save_checkpoint',
+           'file_sha256', 'load_checkpoint', 'git_commit', 'env_info']
 
 # %% ../nbs/00_core.ipynb #421e819a
 class BadInputError(ValueError):
@@ -47,6 +47,20 @@ def cli_main(fn):
     return main
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    "`x` as float32, or as float64 when it already is (k-means and OT never run in half precision)."
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def float32_no_autocast(f):
+    "Decorator: run `f` with CPU and CUDA autocast switched off (k-means and OT stay in float32 inside mixed precision)."
+    @functools.wraps(f)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return f(*args, **kwargs)
+    return wrapper
+
+
 def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
     "Raise `BadInputError` naming `name` if `x` holds NaN or inf; return `x` unchanged otherwise."
     if not torch.isfinite(x).all():
@@ -56,7 +70,9 @@ def check_finite(name: str, x: torch.Tensor) -> torch.Tensor:
 
 # %% ../nbs/00_core.ipynb #49b0494c
 class JSONConfig:
-    "Mixin of the config dataclasses (`POTConfig`, `IRNConfig`, `DeepLabConfig`): plain-JSON `to_dict`, checked `from_dict`."
+    "Mixin of the config dataclasses (`POTConfig`, `IRNConfig`, `DeepLabConfig`, …): plain-JSON `to_dict`, checked `from_dict`; `RUNTIME` names the fields a finished run may change."
+    RUNTIME: ClassVar[tuple] = ("device", "num_workers", "log_every", "ckpt_every", "out_dir")   # where and how, not what is trained
+
     def to_dict(self) -> dict:
         "Plain-JSON view of the config (tuples become lists)."
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -76,6 +92,8 @@ PAPER_CAM_SCALES = (1.0, 0.5, 1.5, 2.0)   # METHOD.md §5; the CPU demo drops 2.
 @dataclass
 class POTConfig(JSONConfig):
     "Every parameter of a POT run, named as in METHOD.md / DESIGN.md; defaults are the CPU ToyVOC demo."
+    # a run folder may be moved, and inference settings change CAMs, not the network; the compiled head computes what the eager one does
+    RUNTIME: ClassVar[tuple] = (*JSONConfig.RUNTIME, "eval_split", "cam_scales", "pot_scales", "beta_fuse", "compile_head")
     # data
     dataset: str = "toyvoc"          # voc | coco | toyvoc (any VOC-layout folder with classes.txt works as 'voc')
     data_root: str = "data/toyvoc"

@@ -5,25 +5,20 @@
 # %% ../nbs/13_crf.ipynb #9b0bc32b
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pydensecrf.densecrf as dcrf
-from tqdm.auto import tqdm
 
-from .core import BadInputError, POTConfig, load_json, load_npz, save_json
-from .data import load_dataset
-from .metrics import SegEvaluator, to_numpy
-from .viz import read_label_png, save_palette_png
+from .core import BadInputError
+from .data import load_dataset, read_image_label
+from .metrics import to_numpy
+from .runs import Run, ImageOutputs, LabelFromCAMs, count_results, map_images, pool_size, score_label_files
 
 # %% auto #0
 __all__ = ['CRF_PRESETS', 'CRF_DEFAULTS', 'LABEL_MAKERS', 'check_crf_params', 'crf_inference', 'cam_probs', 'label_probs',
-           'crf_label', 'simulate_cams', 'make_simulated_run', 'read_image_cams', 'label_png_ok', 'run_source',
-           'default_workers', 'make_crf_labels', 'evaluate_pseudo_labels']
+           'crf_label', 'CRFJob', 'make_crf_labels', 'evaluate_pseudo_labels']
 
 # %% ../nbs/13_crf.ipynb #311a1c2d
 CRF_PRESETS = {
@@ -138,130 +133,23 @@ def crf_label(img, cams, keys, bg: float | str = "power", alpha: float = 1.0, co
     if conf_threshold is not None: label[Q.max(0) < conf_threshold] = 255
     return label
 
-# %% ../nbs/13_crf.ipynb #f5378587
-def simulate_cams(mask, keys, shift: float = 5.0, ramp: float = 6.0, stride: int = 8, seed: int = 0) -> np.ndarray:
-    "float32 (n,H,W) blurry CAM-like maps in [0,1] of classes `keys` from a label mask (H,W): edges moved by up to ±`shift` px, ramp `ramp` px, `stride`-px grid."
-    import torch
-    import torch.nn.functional as F
-    from scipy.ndimage import distance_transform_edt
-    mask = to_numpy("mask", mask)
-    rng = np.random.default_rng(seed)
-    maps = []
-    for k in np.asarray(keys).reshape(-1):                                  # loop over the few present classes
-        inside = mask == k
-        sd = distance_transform_edt(inside) - distance_transform_edt(~inside)  # > 0 inside, < 0 outside
-        maps.append(np.clip(0.5 + (sd + rng.uniform(-shift, shift)) / (2 * ramp), 0, 1))
-    x = torch.from_numpy(np.stack(maps).astype(np.float32))[None]
-    grid = (max(1, round(mask.shape[0] / stride)), max(1, round(mask.shape[1] / stride)))
-    x = F.interpolate(F.adaptive_avg_pool2d(x, grid), size=mask.shape, mode="bilinear", align_corners=False)[0].numpy()
-    return x / np.maximum(x.reshape(len(x), -1).max(1), 1e-5)[:, None, None]
-
-
-def make_simulated_run(run_dir, ds, dataset: str = "toyvoc", **kw) -> Path:
-    "A run folder (config.json + cams/<id>.npz with all four map kinds) holding `simulate_cams` of every image of `ds`; for tests."
-    from pot.core import save_npz
-    run_dir = Path(run_dir)
-    for i in range(len(ds)):
-        gt, keys = ds.mask(i), np.flatnonzero(ds.labels(i)) + 1
-        m = simulate_cams(gt, keys, **{"seed": i, **kw}).astype(np.float16)
-        save_npz(run_dir / "cams" / f"{ds.name(i)}.npz", keys=keys.astype(np.int64), **{w: m for w in ("cls", "pot", "pot_k1", "final")})
-    save_json(run_dir / "config.json", dict(config=POTConfig(dataset=dataset, data_root=str(ds.root), eval_split=ds.split).to_dict()))
-    return run_dir
-
-# %% ../nbs/13_crf.ipynb #73982a58
-def _cam_file(run_dir, name: str) -> Path:
-    "The CAM file of image `name` in a run (layout of `pot.cams`)."
-    return Path(run_dir) / "cams" / f"{name}.npz"
-
-
-def read_image_cams(run_dir, name: str, which: str, labels, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    "(keys (n,), float32 maps (n,H,W)) of image `name`, checked against its multi-hot `labels` (C,) and `size` (H,W)."
-    path = _cam_file(run_dir, name)
-    if not path.is_file(): raise BadInputError(f"{path}: missing CAM file for image {name}; run infer_cams first")
-    z = load_npz(path, required=("keys", which))
-    keys, maps = z["keys"].reshape(-1).astype(np.int64), z[which]
-    expected = np.flatnonzero(np.asarray(labels)) + 1
-    if not np.array_equal(np.sort(keys), expected):
-        raise BadInputError(f"{path}: CAM classes {keys.tolist()} of image {name} differ from its image labels {expected.tolist()}")
-    if maps.shape != (len(keys), *size):
-        raise BadInputError(f"{path}: CAM '{which}' of image {name} has shape {maps.shape}; expected ({len(keys)}, {size[0]}, {size[1]}) "
-                            f"(the image is {size[0]}×{size[1]})")
-    return keys, maps.astype(np.float32)
-
-
-def label_png_ok(path: Path, size: tuple[int, int]) -> bool:
-    "True when `path` is a fully decodable label PNG of size `size` (a torn or foreign file is not)."
-    if not path.is_file(): return False
-    try: return read_label_png(path).shape == tuple(size)
-    except BadInputError: return False
-
 # %% ../nbs/13_crf.ipynb #62146e92
-class _CRFJob:
-    "Pseudo label of one image of a dataset (a picklable unit of work for the pool)."
-    def __init__(self, dataset: str, root: str, split: str, run_dir: str, out: str, opts: dict):
-        self.ds = load_dataset(dataset, root, split)
-        self.run_dir, self.out, self.opts = Path(run_dir), Path(out), opts
-
-    def __call__(self, i: int) -> tuple[str, str, float]:
-        "(image id, 'kept' | 'written' | 'rewritten', CPU seconds)."
-        t0 = time.process_time()
-        ds, o = self.ds, self.opts
-        name = ds.name(i)
-        img = ds.image(i)
-        png = self.out / f"{name}.png"
-        existed = png.is_file()
-        if label_png_ok(png, img.shape[:2]): return name, "kept", time.process_time() - t0
-        keys, maps = read_image_cams(self.run_dir, name, o["which"], ds.labels(i), img.shape[:2])
-        try:
-            label = crf_label(img, maps, keys, bg=o["bg"], alpha=o["alpha"], conf_threshold=o["conf_threshold"], **o["crf"])
-        except BadInputError as e:
-            raise BadInputError(f"image {name} ({_cam_file(self.run_dir, name)}): {e}") from None
-        save_palette_png(png, label)
-        return name, "rewritten" if existed else "written", time.process_time() - t0
-
-
-_JOB: _CRFJob | None = None
-
-
-def _init_worker(args: tuple) -> None:
-    "Pool initializer: one torch thread, and this worker's `_CRFJob`."
-    global _JOB
-    if "torch" in sys.modules: sys.modules["torch"].set_num_threads(1)
-    _JOB = _CRFJob(*args)
-
-
-def _run_job(i: int) -> tuple[str, str, float]:
-    "Pool task: image `i` through this worker's `_CRFJob`."
-    return _JOB(i)
+class CRFJob(LabelFromCAMs):
+    "The CRF pseudo label of one image from its CAMs (a picklable job of `map_images`)."
+    def label(self, img, maps, keys):
+        o = self.opts
+        return crf_label(img, maps, keys, bg=o["bg"], alpha=o["alpha"], conf_threshold=o["conf_threshold"], **o["crf"])
 
 # %% ../nbs/13_crf.ipynb #a9963b65
-def run_source(run_dir: Path, dataset: str | None, data_root: str | None, split: str | None) -> tuple[str, str, str]:
-    "(dataset, data_root, split): the arguments, else the run's config.json."
-    if dataset is None or data_root is None or split is None:
-        cfg_path = run_dir / "config.json"
-        if not cfg_path.is_file():
-            raise BadInputError(f"{cfg_path}: not found; pass dataset=, data_root= and split= for a run folder without a config")
-        raw = load_json(cfg_path)
-        if "config" not in raw: raise BadInputError(f"{cfg_path}: no 'config' entry; expected the config.json that pot.train writes")
-        cfg = POTConfig.from_dict(raw["config"])
-        dataset, data_root, split = dataset or cfg.dataset, data_root or cfg.data_root, split or cfg.eval_split
-    return dataset, str(data_root), split
-
-
-def default_workers() -> int:
-    "The number of CPUs this process may use."
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def make_crf_labels(run_dir, split: str | None = None, which: str = "final", out=None, n_workers: int | None = None,
                     bg: float | str = "power", alpha: float = 1.0, conf_threshold: float | None = 0.95,
                     dataset: str | None = None, data_root: str | None = None, limit: int | None = None,
                     overwrite: bool = False, start_method: str | None = None, **crf_params) -> dict:
     "DenseCRF pseudo labels (palette PNGs, 255 = unsure) of every image of `split` from the run's CAMs `which`; parallel, resumable."
-    run_dir = Path(run_dir)
-    dataset, data_root, split = run_source(run_dir, dataset, data_root, split)
+    run = Run(run_dir)
+    dataset, data_root, split = run.source(dataset, data_root, split)
     ds = load_dataset(dataset, data_root, split)
-    out = Path(out) if out is not None else run_dir / "pseudo_labels" / "crf"
+    out = Path(out) if out is not None else run.labels_dir("crf")
     crf = check_crf_params(crf_params)
     cam_probs(np.zeros((1, 1, 1), np.float32), bg, alpha)                            # validates bg / alpha now
     if conf_threshold is not None and not 0 <= conf_threshold <= 1:
@@ -269,37 +157,11 @@ def make_crf_labels(run_dir, split: str | None = None, which: str = "final", out
     params = dict(method="crf", which=which, bg=bg if isinstance(bg, str) else float(bg), alpha=float(alpha),
                   conf_threshold=None if conf_threshold is None else float(conf_threshold), crf=crf)
     n = len(ds) if limit is None else min(limit, len(ds))
-    missing = [ds.name(i) for i in range(n) if not _cam_file(run_dir, ds.name(i)).is_file()]
-    if missing:
-        raise BadInputError(f"{run_dir / 'cams'}: no CAM file for {len(missing)} of the {n} listed image(s) of split {split!r}, "
-                            f"e.g. {missing[:5]}; run infer_cams for this split first")
-    pfile = out / "params.json"
-    if overwrite:
-        for i in range(n): (out / f"{ds.name(i)}.png").unlink(missing_ok=True)
-    elif pfile.is_file() and load_json(pfile) != params:
-        raise BadInputError(f"{pfile}: the labels in {out} were made with {load_json(pfile)}, not {params}; "
-                            f"pass overwrite=True to redo them or out= for another folder")
-    save_json(pfile, params)
-    for stale in out.glob(".*.png.*.tmp"): stale.unlink(missing_ok=True)           # temp files of a killed writer
-    args = (dataset, data_root, split, str(run_dir), str(out), dict(params, crf=crf))
-    n_workers = default_workers() if n_workers is None else n_workers
-    n_workers = max(1, min(n_workers, n))
+    run.require_cams(ds, n)
+    outputs = ImageOutputs(out, params).prepare([ds.name(i) for i in range(n)], overwrite)
     t0 = time.perf_counter()
-    results = []
-    with tqdm(total=n, desc=f"CRF {split}", disable=n == 0) as bar:
-        if n_workers == 1:
-            job = _CRFJob(*args)
-            for i in range(n): results.append(job(i)); bar.update()
-        else:
-            method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with mp.get_context(method).Pool(n_workers, initializer=_init_worker, initargs=(args,)) as pool:
-                for r in pool.imap_unordered(_run_job, range(n), chunksize=1): results.append(r); bar.update()
-    wall = time.perf_counter() - t0
-    status = [s for _, s, _ in results]
-    cpu = [c for _, s, c in results if s != "kept"]
-    return dict(out=out, split=split, which=which, n_images=n, n_written=status.count("written"),
-                n_rewritten=status.count("rewritten"), n_kept=status.count("kept"), n_workers=n_workers,
-                wall_s=wall, cpu_s_per_image=float(np.mean(cpu)) if cpu else None)
+    results = map_images(CRFJob(ds, run, outputs, params), list(range(n)), n_workers, f"CRF {split}", start_method)
+    return count_results(results, out=out, split=split, which=which, wall_s=time.perf_counter() - t0, n_workers=pool_size(n_workers, n))
 
 # %% ../nbs/13_crf.ipynb #97813000
 LABEL_MAKERS = dict(crf="pot.crf.make_crf_labels", ir="pot.irn.cam_to_ir_label", irn="pot.irn.make_irn_labels")
@@ -309,38 +171,21 @@ def evaluate_pseudo_labels(run_dir, split: str | None = None, method: str = "crf
                            unsure: str = "ignore", dataset: str | None = None, data_root: str | None = None,
                            limit: int | None = None, n_overlays: int = 4, write: bool = True) -> dict:
     "SegEvaluator result (mIoU, precision, recall; split, which) of the pseudo labels `run_dir/pseudo_labels/<method>/` on `split`."
-    if unsure not in ("ignore", "background"): raise BadInputError(f"unsure={unsure!r}; expected 'ignore' or 'background'")
-    run_dir = Path(run_dir)
-    dataset, data_root, split = run_source(run_dir, dataset, data_root, split)
+    run = Run(run_dir)
+    dataset, data_root, split = run.source(dataset, data_root, split)
     ds = load_dataset(dataset, data_root, split)
-    label_dir = Path(label_dir) if label_dir is not None else run_dir / "pseudo_labels" / method
-    params = load_json(label_dir / "params.json") if (label_dir / "params.json").is_file() else {}
-    ev = SegEvaluator(ds.num_classes + 1, ds.classes)
+    label_dir = Path(label_dir) if label_dir is not None else run.labels_dir(method)
+    params = ImageOutputs(label_dir).stored_params() or {}
     n = len(ds) if limit is None else min(limit, len(ds))
-    n_valid = n_labelled = 0
-    for i in tqdm(range(n), desc=f"eval {method} {split}", disable=n < 50):
-        gt = ds.mask(i)
-        if gt is None: raise BadInputError(f"split {split!r} of {ds.root} has no ground-truth mask for {ds.name(i)}")
-        png = label_dir / f"{ds.name(i)}.png"
-        if not png.is_file(): raise BadInputError(f"{png}: no pseudo label for image {ds.name(i)}; run {LABEL_MAKERS.get(method, 'the labelling step')} first")
-        pred = read_label_png(png)
-        if pred.shape != gt.shape: raise BadInputError(f"{png}: size {pred.shape} differs from the ground truth's {gt.shape} (image {ds.name(i)})")
-        valid = gt != 255
-        n_valid += int(valid.sum()); n_labelled += int((valid & (pred != 255)).sum())
-        if unsure == "ignore": gt = np.where(pred == 255, np.uint8(255), gt)
-        ev.add(gt, np.where(pred == 255, np.uint8(0), pred))
-    which = f"{method}:{params.get('which', '?')}"
-    res = dict(ev.result(split=split, which=which), method=method, unsure=unsure,
-               labelled_fraction=100.0 * n_labelled / max(n_valid, 1), params=params)
+    hint = f"no pseudo label; run {LABEL_MAKERS.get(method, 'the labelling step')} first"
+    ev, labelled = score_label_files(ds, label_dir, n, unsure, hint, desc=f"eval {method} {split}")
+    res = dict(ev.result(split=split, which=f"{method}:{params.get('which', '?')}"), method=method, unsure=unsure,
+               labelled_fraction=labelled, params=params)
     if write:
         from pot import viz
-        rows = [[ds.image(i), ds.mask(i), read_label_png(label_dir / f"{ds.name(i)}.png")] for i in range(min(n_overlays, n))]
+        rows = [[ds.image(i), ds.mask(i), read_image_label(label_dir / f"{ds.name(i)}.png", ds.image_size(i))]
+                for i in range(min(n_overlays, n))]
         if rows: viz.image_grid(rows, col_titles=["image", "ground truth", f"{method} pseudo label"],
-                                path=run_dir / "figures" / f"pseudo_labels_{method}_{split}.png")
-        mpath = run_dir / "metrics.json"
-        metrics = load_json(mpath) if mpath.is_file() else {}
-        metrics.setdefault("pseudo_label_miou", {})[method] = res["miou"]
-        metrics.setdefault("pseudo_label_eval", {})[method] = res
-        metrics["pseudo_label_split"] = split
-        save_json(mpath, metrics)
+                                path=run.figure(f"pseudo_labels_{method}_{split}.png"))
+        run.record_metrics(pseudo_label_miou={method: res["miou"]}, pseudo_label_eval={method: res}, pseudo_label_split=split)
     return res

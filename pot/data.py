@@ -10,22 +10,20 @@ import os
 import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .core import PAPER_CAM_SCALES, BadInputError, atomic_write, check_finite, load_npz, save_npz
-from .viz import read_label_png
+from .core import BadInputError, atomic_write, load_npz, save_npz
+from .metrics import to_numpy
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE', 'IMAGE_EXTS', 'VOC_CLASSES', 'COCO_CLASSES', 'read_image', 'read_mask',
-           'read_classes', 'read_split', 'write_split', 'make_train_aug', 'xml_labels', 'mask_labels', 'VOCLayout',
-           'load_dataset', 'normalize_image', 'denormalize_image', 'resize_chw', 'random_geometry', 'apply_geometry',
-           'TrainDataset', 'InferDataset']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'IGNORE', 'IMAGE_EXTS', 'VOC_CLASSES', 'COCO_CLASSES', 'voc_palette',
+           'check_label_map', 'save_palette_png', 'decode_image', 'read_label_png', 'label_png_ok', 'read_image',
+           'read_mask', 'read_classes', 'read_split', 'write_split', 'make_train_aug', 'xml_labels', 'mask_labels',
+           'VOCLayout', 'load_dataset', 'read_image_label', 'PseudoLabels']
 
 # %% ../nbs/01_data.ipynb #b1316be4
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,17 +46,73 @@ COCO_CLASSES = (
     "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase",
     "scissors", "teddy bear", "hair drier", "toothbrush")
 
+# %% ../nbs/01_data.ipynb #012735e1
+def voc_palette(n: int = 256) -> np.ndarray:
+    "uint8 (n, 3) VOC colour map: the bits of each label interleaved over R, G, B from the most significant bit."
+    labels = np.arange(n)
+    pal = np.zeros((n, 3), np.int64)
+    for k in range(8):
+        for ch in range(3):
+            pal[:, ch] |= ((labels >> (3 * k + ch)) & 1) << (7 - k)
+    return pal.astype(np.uint8)
+
+# %% ../nbs/01_data.ipynb #8d08bfa1
+def check_label_map(name: str, mask) -> np.ndarray:
+    "An integer (H, W) label map with values in 0..255, as uint8 (else a `BadInputError` naming `name`)."
+    mask = to_numpy(name, mask)
+    if mask.ndim != 2: raise BadInputError(f"{name} has shape {mask.shape}; expected an (H, W) label map")
+    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+        raise BadInputError(f"{name} has dtype {mask.dtype}; expected integer labels")
+    if mask.size and (mask.min() < 0 or mask.max() > 255):
+        raise BadInputError(f"{name} has labels in [{mask.min()}, {mask.max()}]; expected 0..255 (255 = ignore)")
+    return mask.astype(np.uint8)
+
+
+def save_palette_png(path: str | os.PathLike, mask) -> Path:
+    "Write an (H, W) label map as an 8-bit VOC-palette PNG, atomically; returns the path."
+    mask = check_label_map(f"save_palette_png({path}) mask", mask)
+    with atomic_write(path) as f: _p_image(mask).save(f, format="PNG")
+    return Path(path)
+
+
+def _p_image(mask: np.ndarray) -> Image.Image:
+    "A PIL 'P' image with the labels as indices and the VOC palette."
+    img = Image.frombytes("P", (mask.shape[1], mask.shape[0]), np.ascontiguousarray(mask).tobytes())
+    img.putpalette(voc_palette().ravel().tolist())
+    return img
+
+
+def decode_image(path, what: str = "image", convert: str | None = None) -> tuple[np.ndarray, str]:
+    "(pixels, PIL mode) of the image file `path`, fully decoded (optionally converted to mode `convert`); missing or unreadable is a `BadInputError` naming the file as `what`."
+    path = Path(path)
+    if not path.is_file(): raise BadInputError(f"{path}: {what} file not found")
+    try:
+        with Image.open(path) as img:
+            img.load()                                          # PIL decodes lazily: decode the whole file inside the check
+            return np.array(img.convert(convert) if convert else img), img.mode
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadInputError(f"{path}: not a readable {what} ({type(e).__name__}: {e})") from None
+
+
+def read_label_png(path: str | os.PathLike) -> np.ndarray:
+    "uint8 (H, W) labels of a palette ('P') or grey ('L') PNG; a missing, corrupt or colour file is a `BadInputError`."
+    arr, mode = decode_image(path, "label PNG")
+    if mode not in ("P", "L"):
+        raise BadInputError(f"{path}: image mode {mode!r}; expected a palette ('P') or grey ('L') label map whose values are class labels")
+    return arr.astype(np.uint8)
+
+
+def label_png_ok(path: Path, size: tuple[int, int]) -> bool:
+    "True when `path` is a fully decodable label PNG of size `size` (a torn or foreign file is not): a finished per-image output."
+    if not path.is_file(): return False
+    try: return read_label_png(path).shape == tuple(size)
+    except BadInputError: return False
+
+
 # %% ../nbs/01_data.ipynb #28203c5a
 def read_image(path) -> np.ndarray:
     "uint8 (H, W, 3) RGB pixels of an image file; missing or unreadable files are a `BadInputError` naming it."
-    path = Path(path)
-    if not path.is_file(): raise BadInputError(f"{path}: image file not found; expected an RGB image")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return np.array(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadInputError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    return decode_image(path, "image", convert="RGB")[0]
 
 
 def read_mask(path, num_classes: int) -> np.ndarray:
@@ -327,107 +381,34 @@ def load_dataset(dataset: str, root, split: str, **kw) -> VOCLayout:
         return VOCLayout(root, split, mask_dirs=("SegmentationClass",), **kw)
     raise BadInputError(f"dataset={dataset!r}; expected 'voc', 'coco' or 'toyvoc' (any VOC-layout folder with classes.txt works as 'voc')")
 
-# %% ../nbs/01_data.ipynb #8e03d84e
-def normalize_image(img: np.ndarray) -> torch.Tensor:
-    "float32 (3, H, W) ImageNet-normalised tensor from a uint8 (H, W, 3) RGB image."
-    x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255)
-    return (x - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+# %% ../nbs/01_data.ipynb #ec5184f1
+def read_image_label(path, size: tuple[int, int], hint: str = "", num_classes: int | None = None) -> np.ndarray:
+    "uint8 (H, W) labels of the label PNG `path` made for an image of `size` (values checked as `read_mask` with `num_classes`); missing (`hint` says what makes it), unreadable or another size is an error naming it."
+    path = Path(path)
+    if not path.is_file(): raise BadInputError(f"{path}: not found{'; ' + hint if hint else ''}")
+    m = read_label_png(path) if num_classes is None else read_mask(path, num_classes)
+    if m.shape != tuple(size): raise BadInputError(f"{path}: size {m.shape} differs from its image's {tuple(size)}")
+    return m
 
 
-def denormalize_image(x: torch.Tensor) -> np.ndarray:
-    "uint8 (H, W, 3) RGB from an ImageNet-normalised (3, H, W) tensor (inverse of `normalize_image`)."
-    x = x.detach().cpu().float() * torch.tensor(IMAGENET_STD).view(3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    return (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+class PseudoLabels:
+    "A dataset reader (`VOCLayout`) whose `mask(i)` is the label PNG `label_dir/<id>.png` (checked: 0..C or 255, the image's size)."
+    def __init__(self, ds, label_dir, hint: str = "make them for this split first", what: str = "pseudo label"):
+        label_dir = Path(label_dir)
+        if not label_dir.is_dir():
+            raise BadInputError(f"label_dir={label_dir}: no such folder; expected label PNGs <image id>.png (palette, 255 = ignore); {hint}")
+        missing = [n for n in ds.ids if not (label_dir / f"{n}.png").is_file()]
+        if missing:
+            raise BadInputError(f"label_dir={label_dir}: no {what} for {len(missing)} of the {len(ds)} images of split "
+                                f"{ds.split!r} (e.g. {[f'{n}.png' for n in missing[:3]]}); {hint}")
+        self.ds, self.label_dir = ds, label_dir
 
-
-def resize_chw(x: torch.Tensor, size: tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
-    "Resize a (K, H, W) float tensor to `size` (bilinear with antialiasing, or 'nearest-exact' for labels)."
-    if tuple(x.shape[-2:]) == tuple(size): return x
-    if mode == "bilinear":
-        return F.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=True)[0]
-    return F.interpolate(x[None], size=size, mode=mode)[0]
-
-# %% ../nbs/01_data.ipynb #274a2876
-def random_geometry(rng: np.random.Generator, hw: tuple[int, int], crop: int, scale=(0.9, 1.1),
-                    resize_long=None, flip: bool = True) -> dict:
-    "Draw rescale, flip and crop/pad placement for an (H, W) image (see above)."
-    H, W = hw
-    if resize_long is not None: f = int(rng.integers(resize_long[0], resize_long[1] + 1)) / max(H, W)
-    else: f = float(rng.uniform(*scale))
-    h, w = max(1, round(H * f)), max(1, round(W * f))
-    flipped = bool(rng.random() < 0.5) if flip else False
-    def axis(n):  # (source offset, destination offset, length)
-        return (int(rng.integers(0, n - crop + 1)), 0, crop) if n >= crop else (0, int(rng.integers(0, crop - n + 1)), n)
-    return dict(size=(h, w), flip=flipped, y=axis(h), x=axis(w), crop=crop)
-
-
-def apply_geometry(x: torch.Tensor, g: dict, fill: float = 0.0, mode: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
-    "Apply a `random_geometry` draw to a (K, H, W) tensor: returns (K, crop, crop) and the bool `valid` mask."
-    x = resize_chw(x, g["size"], mode)
-    if g["flip"]: x = x.flip(-1)
-    c = g["crop"]
-    out = x.new_full((x.shape[0], c, c), fill)
-    valid = torch.zeros(c, c, dtype=torch.bool)
-    (sy, dy, ly), (sx, dx, lx) = g["y"], g["x"]
-    out[:, dy:dy + ly, dx:dx + lx] = x[:, sy:sy + ly, sx:sx + lx]
-    valid[dy:dy + ly, dx:dx + lx] = True
-    return out, valid
-
-# %% ../nbs/01_data.ipynb #04e99c15
-class TrainDataset(torch.utils.data.Dataset):
-    "Training items of a `VOCLayout`: augmented, normalised crops, valid mask, labels and (optionally) seed CAMs."
-    def __init__(self, ds: VOCLayout, crop: int, seed: int = 0, scale=(0.9, 1.1), resize_long=None, flip: bool = True,
-                 seed_cams: Callable | None = None, with_mask: bool = False):
-        self.ds, self.crop, self.seed, self.scale, self.resize_long, self.flip = ds, crop, seed, scale, resize_long, flip
-        self.seed_cams, self.with_mask, self.epoch = seed_cams, with_mask, 0
-
-    def __len__(self) -> int: return len(self.ds)
-    def set_epoch(self, epoch: int) -> None:
-        "Use the random draws of `epoch` from now on."
-        self.epoch = int(epoch)
-
-    def geometry(self, i: int, hw: tuple[int, int]) -> dict:
-        "The augmentation drawn for item `i` of the current epoch."
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        return random_geometry(rng, hw, self.crop, self.scale, self.resize_long, self.flip)
-
-    def _seed(self, i: int, hw) -> torch.Tensor:
-        name, C = self.ds.name(i), self.ds.num_classes
-        s = torch.as_tensor(np.asarray(self.seed_cams(name, hw), dtype=np.float32))
-        if tuple(s.shape) != (C, *hw):
-            raise BadInputError(f"seed_cams({name!r}) returned shape {tuple(s.shape)}; expected (C, H, W) = {(C, *hw)}")
-        return check_finite(f"seed CAMs of {name!r}", s)
-
-    def __getitem__(self, i: int) -> dict:
-        img = self.ds.image(i)
-        hw = img.shape[:2]
-        x = normalize_image(img)
-        if self.seed_cams is not None: x = torch.cat([x, self._seed(i, hw)])
-        g = self.geometry(i, hw)
-        x, valid = apply_geometry(x, g)
-        item = dict(img=x[:3].contiguous(), valid=valid, label=torch.from_numpy(self.ds.labels(i)), index=i,
-                    name=self.ds.name(i))
-        if self.seed_cams is not None: item["seed"] = x[3:].contiguous()
-        if self.with_mask:
-            m = self.ds.mask(i)
-            if m is None: raise BadInputError(f"with_mask=True but split {self.ds.split!r} of {self.ds.root} has no masks")
-            item["mask"] = apply_geometry(torch.from_numpy(m)[None].float(), g, IGNORE, "nearest-exact")[0][0].byte()
-        return item
-
-# %% ../nbs/01_data.ipynb #4115fc55
-class InferDataset(torch.utils.data.Dataset):
-    "Multi-scale + flipped, normalised copies of each image of a `VOCLayout`, for CAM inference."
-    def __init__(self, ds: VOCLayout, scales: Sequence[float] = PAPER_CAM_SCALES):
-        if not scales or any(s <= 0 for s in scales): raise BadInputError(f"scales={scales}; expected positive numbers")
-        self.ds, self.scales = ds, tuple(float(s) for s in scales)
+    def __getattr__(self, k):
+        if k == "ds" or k.startswith("__"): raise AttributeError(k)
+        return getattr(self.ds, k)
 
     def __len__(self) -> int: return len(self.ds)
 
-    def __getitem__(self, i: int) -> dict:
-        x = normalize_image(self.ds.image(i))
-        H, W = x.shape[-2:]
-        imgs = []
-        for s in self.scales:
-            xs = resize_chw(x, (max(1, round(H * s)), max(1, round(W * s))))
-            imgs.append(torch.stack([xs, xs.flip(-1)]))
-        return dict(imgs=imgs, label=torch.from_numpy(self.ds.labels(i)), index=i, name=self.ds.name(i), size=(H, W))
+    def mask(self, i: int) -> np.ndarray:
+        "uint8 (H, W) label of image `i`."
+        return read_image_label(self.label_dir / f"{self.ds.name(i)}.png", self.ds.image_size(i), num_classes=self.ds.num_classes)

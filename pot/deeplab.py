@@ -5,9 +5,7 @@
 # %% ../nbs/15_deeplab.ipynb #1a4ff531
 from __future__ import annotations
 
-import argparse
 import collections
-import multiprocessing as mp
 import os
 import time
 import warnings
@@ -19,23 +17,23 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .core import BadInputError, JSONConfig, cli_main, file_sha256, load_json, resolve_device, keep_freed_memory, save_json
-from .crf import check_crf_params, crf_inference, default_workers, label_png_ok
-from .data import IGNORE, InferDataset, TrainDataset, load_dataset, read_mask
-from .metrics import SegEvaluator
+from .core import BadInputError, JSONConfig, cli_main, file_sha256, resolve_device, keep_freed_memory
+from .cli import Parser, add_config_flags, add_run_flags, config_from_flags, parse_bool
+from .crf import check_crf_params, crf_inference
+from .data import IGNORE, PseudoLabels, label_png_ok, load_dataset, read_image_label, save_palette_png
+from .datasets import InferDataset, TrainDataset
 from .model import FrozenBN, build_encoder, calibrate_bn, load_imagenet_weights, read_state_dict, stage_channels
-from .train import BN_CALIB_BATCHES, add_config_flags, config_from_flags, epoch_batches, finished_run, fit, parse_bool
+from .runs import Run, ImageOutputs, amp_dtype, calibration_images, fit, pool_size, process_pool, score_label_files
 from . import viz
 
 # %% auto #0
 __all__ = ['OUTPUT_STRIDES', 'ASPP_RATES', 'DEVICES', 'DEFAULT_TEST_SCALES', 'build_dilated_encoder', 'ASPP', 'DeepLabV2',
-           'load_deeplab_weights', 'deeplab_param_groups', 'seg_loss', 'check_label_dir', 'PseudoLabels',
-           'copy_gt_labels', 'DeepLabConfig', 'deeplab_data', 'train_deeplab', 'load_deeplab', 'predict_probs',
-           'infer_segmentation', 'plot_confusion', 'plot_class_iou', 'evaluate_segmentation', 'seg_table',
-           'run_segmentation', 'deeplab_parser', 'deeplab_config_from_args', 'deeplab_cli', 'step_time']
+           'load_deeplab_weights', 'deeplab_param_groups', 'seg_loss', 'copy_gt_labels', 'DeepLabConfig',
+           'deeplab_data', 'train_deeplab', 'load_deeplab', 'predict_probs', 'infer_segmentation',
+           'evaluate_segmentation', 'seg_table', 'run_segmentation', 'deeplab_parser', 'deeplab_config_from_args',
+           'deeplab_cli']
 
 # %% ../nbs/15_deeplab.ipynb #9c2a4611
 OUTPUT_STRIDES = (8, 16)
@@ -134,39 +132,6 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, ignore: int = IGNORE) -
     return dict(loss=total * world / count.clamp_min(1.0), labelled=valid.float().mean().detach())
 
 # %% ../nbs/15_deeplab.ipynb #4e6a80cd
-def check_label_dir(ds, label_dir) -> Path:
-    "`label_dir`, after checking it holds a label PNG `<id>.png` for every image of the dataset reader `ds`."
-    label_dir = Path(label_dir)
-    if not label_dir.is_dir():
-        raise BadInputError(f"label_dir={label_dir}: no such folder; expected pseudo labels <image id>.png (palette PNGs, "
-                            f"255 = ignore), e.g. <POT run>/pseudo_labels/irn made by pseudo_labels.ipynb")
-    missing = [n for n in ds.ids if not (label_dir / f"{n}.png").is_file()]
-    if missing:
-        raise BadInputError(f"label_dir={label_dir}: no pseudo label for {len(missing)} of the {len(ds)} images of split "
-                            f"{ds.split!r} (e.g. {[f'{n}.png' for n in missing[:3]]}); make them for this split first")
-    return label_dir
-
-
-class PseudoLabels:
-    "A dataset reader (`VOCLayout`) whose `mask(i)` is the pseudo label `label_dir/<id>.png` (checked: 0..C, 255; image size)."
-    def __init__(self, ds, label_dir):
-        self.ds, self.label_dir = ds, check_label_dir(ds, label_dir)
-
-    def __getattr__(self, k):
-        if k == "ds" or k.startswith("__"): raise AttributeError(k)
-        return getattr(self.ds, k)
-
-    def __len__(self) -> int: return len(self.ds)
-
-    def mask(self, i: int) -> np.ndarray:
-        "uint8 (H, W) pseudo label of image `i`."
-        path = self.label_dir / f"{self.ds.name(i)}.png"
-        m = read_mask(path, self.ds.num_classes)
-        if m.shape != self.ds.image_size(i):
-            raise BadInputError(f"{path}: pseudo label size {m.shape} differs from image {self.ds.name(i)}'s {self.ds.image_size(i)}")
-        return m
-
-
 def copy_gt_labels(ds, out, limit: int | None = None) -> Path:
     "Write the ground-truth masks of the dataset reader `ds` to `out/<id>.png` (a pseudo-label folder; kept where already written)."
     out = Path(out)
@@ -176,7 +141,7 @@ def copy_gt_labels(ds, out, limit: int | None = None) -> Path:
         if label_png_ok(png, ds.image_size(i)): continue
         m = ds.mask(i)
         if m is None: raise BadInputError(f"split {ds.split!r} of {ds.root} has no ground-truth masks to copy")
-        viz.save_palette_png(png, m)
+        save_palette_png(png, m)
     return out
 
 # %% ../nbs/15_deeplab.ipynb #46611bc4
@@ -257,9 +222,7 @@ def train_deeplab(cfg: DeepLabConfig, resume: bool = True) -> Path:
     if cfg.pretrained is None and cfg.dataset != "toyvoc":
         warnings.warn(f"DeepLabV2 on {cfg.dataset} from random weights: pass pretrained=<ImageNet or COCO DeepLab weights> "
                       f"for the paper's setting")
-    label_params = Path(cfg.label_dir) / "params.json"
-    meta = dict(classes=list(ds.classes), n_images=len(ds),
-                label_params=load_json(label_params) if label_params.is_file() else None)
+    meta = dict(classes=list(ds.classes), n_images=len(ds), label_params=ImageOutputs(cfg.label_dir).stored_params())
 
     def build(start, device):
         _, tds = deeplab_data(cfg)
@@ -267,11 +230,7 @@ def train_deeplab(cfg: DeepLabConfig, resume: bool = True) -> Path:
         model = model.to(device, memory_format=torch.channels_last)
         if start is None:
             if cfg.pretrained is not None: load_deeplab_weights(model, cfg.pretrained)
-            else:
-                tds.set_epoch(0)
-                calib = epoch_batches(len(tds), cfg.batch_size, 0, cfg.seed)[:BN_CALIB_BATCHES]
-                loader = DataLoader(tds, batch_sampler=calib, num_workers=cfg.num_workers)
-                calibrate_bn(model, (b["img"].to(device) for b in loader))
+            else: calibrate_bn(model, calibration_images(tds, cfg, device))
         opt = torch.optim.SGD(deeplab_param_groups(model, cfg.lr, cfg.head_lr_mult), lr=cfg.lr, momentum=cfg.momentum,
                               weight_decay=cfg.weight_decay)
         return model, opt, tds
@@ -286,8 +245,8 @@ def train_deeplab(cfg: DeepLabConfig, resume: bool = True) -> Path:
 
 def load_deeplab(run_dir, map_location="cpu") -> tuple[DeepLabV2, DeepLabConfig]:
     "(DeepLabV2 in eval mode, its DeepLabConfig) of the finished segmentation run `run_dir`."
-    cfg, state = finished_run(run_dir, DeepLabConfig,
-                              "the segmentation run has not finished training (train_deeplab resumes it)", map_location)
+    cfg, state = Run(run_dir).finished(DeepLabConfig, "the segmentation run has not finished training (train_deeplab resumes it)",
+                                       map_location)
     model = DeepLabV2(cfg.backbone, state["aspp.branches.0.weight"].shape[0], output_stride=cfg.output_stride)
     model.load_state_dict(state)
     return model.eval(), cfg
@@ -300,8 +259,7 @@ DEFAULT_TEST_SCALES = (0.5, 0.75, 1.0)
 def predict_probs(model: nn.Module, imgs: list, size: tuple, flip: bool = True, amp: bool = True) -> torch.Tensor:
     "float32 (n, H, W) class probabilities of one image: softmax of every scale (and its flip), upsampled to `size`, averaged; `imgs` per scale (2,3,h,w) [image, flipped]."
     dev = next(model.parameters()).device
-    on = amp and dev.type == "cuda"
-    dtype = torch.bfloat16 if on and torch.cuda.is_bf16_supported() else torch.float16
+    on, dtype = amp_dtype(amp, dev)
     acc = None
     for x in imgs:
         x = (x if flip else x[:1]).to(dev, memory_format=torch.channels_last)
@@ -316,13 +274,8 @@ def predict_probs(model: nn.Module, imgs: list, size: tuple, flip: bool = True, 
 def _crf_write(args: tuple) -> str:
     "Pool task: DenseCRF of (image, probs) written as the palette PNG `path`; returns the path."
     img, probs, path, params = args
-    viz.save_palette_png(path, crf_inference(img, probs, **params).argmax(0).astype(np.uint8))
+    save_palette_png(path, crf_inference(img, probs, **params).argmax(0).astype(np.uint8))
     return path
-
-
-def _pool_init() -> None:
-    "CRF workers: one torch thread each (the CRF itself is single-threaded)."
-    torch.set_num_threads(1)
 
 # %% ../nbs/15_deeplab.ipynb #7a5d9e6f
 def infer_segmentation(run_dir, split: str = "val", scales=DEFAULT_TEST_SCALES, flip: bool = True, crf: bool = True,
@@ -330,35 +283,23 @@ def infer_segmentation(run_dir, split: str = "val", scales=DEFAULT_TEST_SCALES, 
                        data_root: str | None = None, limit: int | None = None, overwrite: bool = False,
                        start_method: str | None = None) -> dict:
     "Write the predictions of the trained run `run_dir` for `split`: pred/<split>/raw (argmax) and, with `crf`, pred/<split>/crf; resumable."
-    run_dir = Path(run_dir)
+    run = Run(run_dir)
     model, cfg = load_deeplab(run_dir)
     scales = tuple(float(s) for s in scales)
     crf_p = check_crf_params(crf_params or {})
     ds = load_dataset(cfg.dataset, data_root or cfg.data_root, split)
     inf = InferDataset(ds, scales)
-    out = run_dir / "pred" / split
-    params = dict(checkpoint_sha256=file_sha256(run_dir / "ckpt" / "final.pt"), scales=list(scales), flip=bool(flip), crf=crf_p)
+    out = run.pred_dir(split)
+    params = dict(checkpoint_sha256=file_sha256(run.final_ckpt), scales=list(scales), flip=bool(flip), crf=crf_p)
     n = len(ds) if limit is None else min(limit, len(ds))
     kinds = ("raw", "crf") if crf else ("raw",)
-    pfile = out / "params.json"
-    if overwrite:
-        for k in ("raw", "crf"):
-            for i in range(n): (out / k / f"{ds.name(i)}.png").unlink(missing_ok=True)
-    elif pfile.is_file() and load_json(pfile) != params:
-        raise BadInputError(f"{pfile}: the predictions in {out} were made with {load_json(pfile)}, not {params}; "
-                            f"pass overwrite=True to redo them")
-    save_json(pfile, params)
-    for k in kinds:
-        for stale in (out / k).glob(".*.png.*.tmp"): stale.unlink(missing_ok=True)      # temp files of a killed writer
-    todo = [i for i in range(n) if not all(label_png_ok(out / k / f"{ds.name(i)}.png", ds.image_size(i)) for k in kinds)]
+    preds = ImageOutputs(out, params, subdirs=("raw", "crf")).prepare([ds.name(i) for i in range(n)], overwrite)
+    todo = [i for i in range(n) if not all(label_png_ok(preds.path(ds.name(i), k), ds.image_size(i)) for k in kinds)]
     dev = resolve_device(device)
     keep_freed_memory()
     model.to(dev, memory_format=torch.channels_last)
-    n_workers = max(1, min(default_workers() if n_workers is None else n_workers, len(todo) or 1))
-    pool = None
-    if crf and n_workers > 1 and todo:
-        method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        pool = mp.get_context(method).Pool(n_workers, initializer=_pool_init)
+    n_workers = pool_size(n_workers, len(todo))
+    pool = process_pool(n_workers, start_method=start_method) if crf and n_workers > 1 and todo else None
     t0, t_net, pending = time.perf_counter(), 0.0, collections.deque()
     try:
         with tqdm(total=len(todo), desc=f"DeepLab {split}", disable=not todo) as bar:
@@ -367,9 +308,9 @@ def infer_segmentation(run_dir, split: str = "val", scales=DEFAULT_TEST_SCALES, 
                 item = inf[i]
                 probs = predict_probs(model, item["imgs"], item["size"], flip, cfg.amp).cpu().numpy()
                 t_net += time.perf_counter() - t1
-                viz.save_palette_png(out / "raw" / f"{ds.name(i)}.png", probs.argmax(0).astype(np.uint8))
+                save_palette_png(preds.path(ds.name(i), "raw"), probs.argmax(0).astype(np.uint8))
                 if not crf: bar.update(); continue
-                job = (ds.image(i), probs, out / "crf" / f"{ds.name(i)}.png", crf_p)
+                job = (ds.image(i), probs, preds.path(ds.name(i), "crf"), crf_p)
                 if pool is None: _crf_write(job); bar.update(); continue
                 pending.append(pool.apply_async(_crf_write, (job,)))
                 while len(pending) > 2 * n_workers or (pending and pending[0].ready()):
@@ -382,78 +323,29 @@ def infer_segmentation(run_dir, split: str = "val", scales=DEFAULT_TEST_SCALES, 
                 wall_s=wall, net_s_per_image=t_net / len(todo) if todo else None,
                 s_per_image=wall / len(todo) if todo else None)
 
-# %% ../nbs/15_deeplab.ipynb #8eb9420a
-def plot_confusion(conf, class_names, path=None, title: str = "confusion matrix"):
-    "Seaborn heatmap of a confusion matrix (rows = ground truth) normalised per row (% of each class's pixels); PNG saved atomically if `path`."
-    import seaborn as sns
-    conf = np.asarray(conf, np.float64)
-    if conf.ndim != 2 or conf.shape[0] != conf.shape[1] or conf.shape[0] != len(class_names):
-        raise BadInputError(f"plot_confusion: conf {conf.shape} and {len(class_names)} class names; expected (n, n) and n names")
-    rows = 100 * conf / np.maximum(conf.sum(1, keepdims=True), 1)
-    n = len(class_names)
-    fig = viz._figure((max(4, 0.45 * n + 2), max(3.5, 0.4 * n + 1.5)))
-    ax = fig.subplots()
-    sns.heatmap(rows, ax=ax, annot=n <= 25, fmt=".0f", cmap="Blues", vmin=0, vmax=100, square=True,
-                xticklabels=class_names, yticklabels=class_names, cbar_kws=dict(label="% of the class's pixels"),
-                annot_kws=dict(fontsize=7))
-    ax.set(xlabel="prediction", ylabel="ground truth", title=title)
-    ax.title.set_fontsize(9)
-    if path is not None: viz.save_figure(fig, path)
-    return fig
-
-
-def plot_class_iou(results: dict, path=None, title: str = "per-class IoU"):
-    "Seaborn bar chart of per-class IoU of several `SegEvaluator` results {name: result}; PNG saved atomically if `path`."
-    import pandas as pd
-    import seaborn as sns
-    df = pd.DataFrame([dict(cls=c, IoU=v, prediction=k) for k, r in results.items() for c, v in r["iou"].items()])
-    fig = viz._figure((max(5, 0.5 * df["cls"].nunique() + 2), 3.2))
-    ax = fig.subplots()
-    sns.barplot(df, x="cls", y="IoU", hue="prediction", ax=ax)
-    ax.set(xlabel="", ylabel="IoU (%)", ylim=(0, 100), title=title)
-    ax.title.set_fontsize(9)
-    ax.tick_params(axis="x", rotation=60, labelsize=8)
-    if path is not None: viz.save_figure(fig, path)
-    return fig
-
 # %% ../nbs/15_deeplab.ipynb #292b8b3f
 def evaluate_segmentation(run_dir, split: str = "val", data_root: str | None = None, limit: int | None = None,
                           n_overlays: int = 4) -> dict:
     "mIoU, per-class IoU and confusion matrix of the run's predictions pred/<split>/{raw,crf}; writes metrics.json and figures/."
-    run_dir = Path(run_dir)
-    cfg = DeepLabConfig.from_dict(load_json(run_dir / "config.json")["config"])
+    run = Run(run_dir)
+    cfg = run.config(DeepLabConfig)
     ds = load_dataset(cfg.dataset, data_root or cfg.data_root, split)
-    base = run_dir / "pred" / split
+    base = run.pred_dir(split)
     kinds = [k for k in ("raw", "crf") if (base / k).is_dir()]
     if not kinds: raise BadInputError(f"{base}: no predictions (raw/ or crf/); run infer_segmentation(run_dir, {split!r}) first")
     n = len(ds) if limit is None else min(limit, len(ds))
     names = ["background", *ds.classes]
-    evs = {k: SegEvaluator(len(names), names) for k in kinds}
-    for i in tqdm(range(n), desc=f"eval segmentation {split}", disable=n < 50):
-        gt = ds.mask(i)
-        if gt is None: raise BadInputError(f"split {split!r} of {ds.root} has no ground-truth mask for {ds.name(i)}")
-        for k in kinds:
-            png = base / k / f"{ds.name(i)}.png"
-            if not png.is_file(): raise BadInputError(f"{png}: no prediction for image {ds.name(i)}; run infer_segmentation first")
-            pred = viz.read_label_png(png)
-            if pred.shape != gt.shape: raise BadInputError(f"{png}: size {pred.shape} differs from the ground truth's {gt.shape}")
-            evs[k].add(gt, pred)
+    evs = {k: score_label_files(ds, base / k, n, hint="no prediction; run infer_segmentation first",
+                                desc=f"eval segmentation {split} {k}")[0] for k in kinds}
     results = {k: dict(evs[k].result(split=split, which=f"deeplab:{k}"), confusion=evs[k].conf.tolist()) for k in kinds}
-    figs = run_dir / "figures"
     for k in kinds:
-        plot_confusion(evs[k].conf, names, figs / f"seg_confusion_{split}_{k}.png",
-                       title=f"DeepLabV2 ({k}) on {split}: mIoU {results[k]['miou']:.1f}")
-    plot_class_iou(results, figs / f"seg_iou_{split}.png", title=f"DeepLabV2 per-class IoU — {split}")
-    rows = [[ds.image(i), ds.mask(i), *(viz.read_label_png(base / k / f"{ds.name(i)}.png") for k in kinds)]
+        viz.plot_confusion(evs[k].conf, names, run.figure(f"seg_confusion_{split}_{k}.png"),
+                           title=f"DeepLabV2 ({k}) on {split}: mIoU {results[k]['miou']:.1f}")
+    viz.plot_class_iou(results, run.figure(f"seg_iou_{split}.png"), title=f"DeepLabV2 per-class IoU — {split}")
+    rows = [[ds.image(i), ds.mask(i), *(read_image_label(base / k / f"{ds.name(i)}.png", ds.image_size(i)) for k in kinds)]
             for i in range(min(n_overlays, n))]
-    if rows: viz.image_grid(rows, col_titles=["image", "ground truth", *kinds], path=figs / f"seg_predictions_{split}.png")
-    mpath = run_dir / "metrics.json"
-    metrics = load_json(mpath) if mpath.is_file() else {}
-    metrics["seg_miou"] = {k: r["miou"] for k, r in results.items()}
-    metrics["seg_eval"] = results
-    metrics["seg_split"] = split
-    save_json(mpath, metrics)
-    return metrics
+    if rows: viz.image_grid(rows, col_titles=["image", "ground truth", *kinds], path=run.figure(f"seg_predictions_{split}.png"))
+    return run.record_metrics(seg_miou={k: r["miou"] for k, r in results.items()}, seg_eval=results, seg_split=split)
 
 
 def seg_table(metrics: dict):
@@ -476,15 +368,15 @@ def run_segmentation(cfg: DeepLabConfig, split: str = "val", scales=DEFAULT_TEST
     return evaluate_segmentation(run, split)
 
 
-def deeplab_parser() -> argparse.ArgumentParser:
+def deeplab_parser() -> Parser:
     "The `pot-deeplab` argument parser: one flag per DeepLabConfig field, --preset, --config, --no-resume and the inference options."
-    p = argparse.ArgumentParser(prog="pot-deeplab", description="Stage 4: train DeepLabV2 on pseudo labels, predict and score a split.")
+    p = Parser(prog="pot-deeplab", description="Stage 4: train DeepLabV2 on pseudo labels, predict and score a split.")
     p.add_argument("--split", default="val", help="split to predict and score (default val)")
     p.add_argument("--test_scales", type=float, nargs="+", default=list(DEFAULT_TEST_SCALES), help="inference scales")
     p.add_argument("--crf", type=parse_bool, default=True, help="DenseCRF on the predictions (default true)")
     p.add_argument("--n_workers", type=int, default=None, help="CRF processes (default: all CPUs)")
     p.add_argument("--train-only", action="store_true", help="train, do not predict or score")
-    return add_config_flags(p, DeepLabConfig, dict(scale=2))
+    return add_run_flags(add_config_flags(p, DeepLabConfig), DeepLabConfig)
 
 
 def deeplab_config_from_args(argv=None) -> tuple[DeepLabConfig, dict]:
@@ -509,34 +401,3 @@ def deeplab_cli(argv=None) -> None:
 
 # %% ../nbs/15_deeplab.ipynb #7d0e90d1
 if __name__ == "__main__" and not hasattr(__import__("builtins"), "__IPYTHON__"): deeplab_cli()
-
-# %% ../nbs/15_deeplab.ipynb #4d3d86f4
-def step_time(backbone: str = "resnet101", batch_size: int = 10, crop: int = 321, steps: int = 3, warmup: int = 1,
-              n_classes: int = 21, device: str = "cpu", amp: bool = True, seed: int = 0) -> dict:
-    "Seconds per DeepLabV2 training step (forward, loss, backward, SGD) on random data: dict(sec_per_step=median wall, cpu_sec_per_step, times, …)."
-    if steps < 1 or warmup < 0: raise BadInputError(f"steps={steps}, warmup={warmup}; expected steps >= 1, warmup >= 0")
-    dev = resolve_device(device)
-    keep_freed_memory()
-    torch.manual_seed(seed)
-    model = DeepLabV2(backbone, n_classes).to(dev, memory_format=torch.channels_last).train()
-    opt = torch.optim.SGD(deeplab_param_groups(model, 2.5e-4), lr=2.5e-4, momentum=0.9, weight_decay=5e-4)
-    on = amp and dev.type == "cuda"
-    dtype = torch.bfloat16 if on and torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=on and dtype == torch.float16)
-    x = torch.randn(batch_size, 3, crop, crop, device=dev).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, n_classes, (batch_size, crop, crop), device=dev)
-    y[torch.rand(y.shape, device=dev) < 0.25] = IGNORE
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    times, cpu = [], []
-    for k in range(warmup + steps):
-        sync(); t0, c0 = time.perf_counter(), time.process_time()
-        with torch.autocast(dev.type, dtype=dtype, enabled=on):
-            logits = model(x)
-        loss = seg_loss(logits, y)["loss"]
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward(); scaler.step(opt); scaler.update()
-        sync()
-        if k >= warmup: times.append(time.perf_counter() - t0); cpu.append(time.process_time() - c0)
-    return dict(sec_per_step=float(np.median(times)), times=times, cpu_sec_per_step=float(np.median(cpu)), backbone=backbone, batch_size=batch_size, crop=crop,
-                device=str(dev), amp=on, threads=torch.get_num_threads(),
-                gpu=torch.cuda.get_device_name(dev) if dev.type == "cuda" else None)

@@ -6,13 +6,15 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pandas as pd
 
-from .core import BadInputError, load_json, save_json
+from .core import BadInputError, load_json, read_jsonl, save_json
+from .runs import Run
 
 # %% auto #0
 __all__ = ['SWEPT', 'QUICK_BASE', 'QUICK_SEGMENTATION', 'SEED_ROWS', 'repo_root', 'notebook_parameters', 'stage_record',
@@ -52,9 +54,11 @@ def _same(record: dict, notebook: str, params: dict) -> bool:
     return record.get("notebook") == notebook and record.get("parameters") == json.loads(json.dumps(params))
 
 
-def run_stage(name: str, notebook, run_dir, params: dict, force: bool = False, progress: bool = True) -> dict:
+def run_stage(name: str, notebook, run_dir, params: dict, force: bool = False, progress: bool = True, echo: bool = True) -> dict:
     """Execute `notebook` (path relative to the repo root) with papermill `params` into `run_dir/<name>.ipynb`,
-    unless `run_dir/stages/<name>.json` records the same run as finished; returns the record (with `skipped`)."""
+    unless `run_dir/stages/<name>.json` records the same run as finished; returns the record (with `skipped`).
+    `echo`: the executed notebook's printed output and progress bars go to this process's stdout and stderr too
+    (so `make ablation` and the other papermill targets show training and inference as they run)."""
     root = repo_root()
     nb_path = Path(notebook)
     nb_abs = nb_path if nb_path.is_absolute() else root / nb_path
@@ -70,7 +74,7 @@ def run_stage(name: str, notebook, run_dir, params: dict, force: bool = False, p
     out_nb.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pm.execute_notebook(str(nb_abs), str(out_nb), parameters=params, kernel_name="python3", cwd=str(root),
-                        progress_bar=progress)
+                        progress_bar=progress, stdout_file=sys.stdout if echo else None, stderr_file=sys.stderr if echo else None)
     rec = dict(stage=name, notebook=str(notebook), parameters=json.loads(json.dumps(params)),
                output=str(out_nb), wall_s=round(time.perf_counter() - t0, 1),
                finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -103,8 +107,7 @@ def ablation_points(taus=(0.6, 0.65, 0.7, 0.75, 0.8), Ks=(1, 2, 3, 4, 5), tau0: 
 
 def train_seconds(run_dir) -> float:
     "Training wall time of a run from its `metrics.jsonl` (Σ steps × s/step of every logged window)."
-    from pot.core import read_jsonl
-    rows, prev, total = read_jsonl(Path(run_dir) / "metrics.jsonl"), 0, 0.0
+    rows, prev, total = read_jsonl(Run(run_dir).log_file), 0, 0.0
     for r in rows:
         total += (r["step"] - prev) * r["sec_per_step"]; prev = r["step"]
     return total
@@ -128,7 +131,7 @@ def run_train_points(points: list[dict], out_root, base: dict | None = None, not
         shared = Path(out_root) / f"baseline_seed{p.get('seed', 0)}"
         rec = run_stage("train", notebook, run, {**(base or {}), **p, "out_dir": str(run), "baseline_dir": str(shared)},
                         progress=False)
-        m, c = load_json(run / "metrics.json")["cam_miou"], load_json(run / "config.json")["config"]
+        m, c = Run(run).metrics()["cam_miou"], Run(run).stored()["config"]
         rows.append(dict(point=point_name(p), **{k: c[k] for k in SWEPT}, baseline=m["baseline"], classifier=m["classifier"],
                          pot_k1=m["pot_k1"], pot=m["pot"],
                          train_s=round(train_seconds(run), 1), stage_s=rec["wall_s"], reused=rec["skipped"], run=str(run)))
@@ -181,7 +184,7 @@ def cost_table(rows: list[dict]) -> pd.DataFrame:
     that method is scored by, optional segmentation = val mIoU); training wall time from `metrics.jsonl`."""
     out = []
     for r in rows:
-        m = load_json(Path(r["run"]) / "metrics.json")
+        m = Run(r["run"]).metrics()
         seg = r.get("segmentation")
         out.append({"method": r["method"], "supervision": r["supervision"],
                     "training (min)": round(train_seconds(r["run"]) / 60, 2),

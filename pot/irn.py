@@ -5,36 +5,30 @@
 # %% ../nbs/14_irn.ipynb #cd8824da
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import multiprocessing as mp
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from .core import BadInputError, JSONConfig, cli_main, file_sha256, load_checkpoint, load_json, resolve_device, keep_freed_memory, save_json
-from .crf import (CRF_PRESETS, label_png_ok, run_source, check_crf_params, crf_inference, default_workers,
-                     label_probs, read_image_cams)
-from .data import TrainDataset, load_dataset, normalize_image
+from .core import BadInputError, JSONConfig, cli_main, file_sha256, load_checkpoint, resolve_device, keep_freed_memory
+from .cli import Parser, add_config_flags, add_run_flags, config_from_flags
+from .crf import CRF_PRESETS, check_crf_params, crf_inference, label_probs
+from .data import PseudoLabels, load_dataset, read_label_png
+from .datasets import TrainDataset, normalize_image
 from .model import FrozenBN, build_encoder, calibrate_bn, freeze_stem_and_bn, load_imagenet_weights, resize, stage_channels
-from .train import epoch_batches, finished_run, fit
-from .viz import image_grid, read_label_png, save_palette_png
+from .relations import RelationPaths, WALK_METHODS, grid_labels, irn_losses, random_walk
+from .runs import Run, ImageOutputs, LabelFromCAMs, calibration_images, count_results, fit, map_images, world_size
+from .viz import image_grid
 
 # %% auto #0
-__all__ = ['IR_BG_MODES', 'AFF_KEYS', 'WALK_METHODS', 'ir_label', 'map_images', 'cam_to_ir_label', 'path_offsets', 'offset_path',
-           'RelationPaths', 'edge_to_affinity', 'shift_maps', 'affinity_labels', 'grid_labels', 'irn_losses', 'IRNet',
-           'irn_param_groups', 'IRNConfig', 'irn_dataset', 'new_irn', 'train_irn', 'load_irn', 'transition_matrix',
-           'random_walk', 'cams_to_grid', 'edge_map', 'irn_label', 'make_irn_labels', 'irn_parser', 'irn_cli']
+__all__ = ['IR_BG_MODES', 'ir_label', 'IRJob', 'cam_to_ir_label', 'IRNet', 'irn_param_groups', 'IRNConfig', 'irn_dataset',
+           'new_irn', 'train_irn', 'load_irn', 'cams_to_grid', 'edge_map', 'irn_label', 'IRNJob', 'make_irn_labels',
+           'irn_parser', 'irn_cli']
 
 # %% ../nbs/14_irn.ipynb #d4ceb898
 IR_BG_MODES = ("threshold", "power")
@@ -67,230 +61,34 @@ def ir_label(img, cams, keys, conf_fg: float = 0.30, conf_bg: float = 0.05, bg: 
     return out
 
 # %% ../nbs/14_irn.ipynb #17b7747c
-class _ImageJob:
-    "A picklable unit of work over the images of a dataset: `__call__(i)` -> (image id, 'kept'|'written'|'rewritten', CPU s)."
-    def __init__(self, ds, run_dir, out, opts: dict):
-        self.ds, self.run_dir, self.out, self.opts = ds, Path(run_dir), Path(out), opts
-
-    def __call__(self, i: int) -> tuple[str, str, float]:
-        t0 = time.process_time()
-        name = self.ds.name(i)
-        size = self.ds.image_size(i)
-        png = self.out / f"{name}.png"
-        existed = png.is_file()
-        if label_png_ok(png, size): return name, "kept", time.process_time() - t0
-        img = self.ds.image(i)
-        keys, maps = read_image_cams(self.run_dir, name, self.opts["which"], self.ds.labels(i), img.shape[:2])
-        try: label = self.label(img, maps, keys)
-        except BadInputError as e: raise BadInputError(f"image {name} ({self.run_dir / 'cams' / (name + '.npz')}): {e}") from None
-        save_palette_png(png, label)
-        return name, "rewritten" if existed else "written", time.process_time() - t0
-
-
-class _IRJob(_ImageJob):
-    "IR label of one image."
+class IRJob(LabelFromCAMs):
+    "The IR label of one image from its CAMs (a picklable job of `map_images`)."
     def label(self, img, maps, keys):
         o = self.opts
         return ir_label(img, maps, keys, o["conf_fg"], o["conf_bg"], o["bg"], o["alpha"], o["bg_scale"], o["gt_prob"], **o["crf"])
 
-
-_POOL_JOB: _ImageJob | None = None
-
-
-def _pool_init(job: _ImageJob) -> None:
-    "Pool initializer: one torch thread, and this worker's job."
-    global _POOL_JOB
-    if "torch" in sys.modules: sys.modules["torch"].set_num_threads(1)
-    _POOL_JOB = job
-
-
-def _pool_call(i: int):
-    return _POOL_JOB(i)
-
-
-def map_images(job: _ImageJob, n: int, n_workers: int | None = None, desc: str = "", start_method: str | None = None) -> list:
-    "`job(i)` for i < n, in a process pool of `n_workers` (fork where available) or in this process when 1; with a progress bar."
-    n_workers = max(1, min(default_workers() if n_workers is None else n_workers, n))
-    out = []
-    with tqdm(total=n, desc=desc, disable=n == 0) as bar:
-        if n_workers == 1:
-            for i in range(n): out.append(job(i)); bar.update()
-        else:
-            method = start_method or ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            with mp.get_context(method).Pool(n_workers, initializer=_pool_init, initargs=(job,)) as pool:
-                for r in pool.imap_unordered(_pool_call, range(n), chunksize=1): out.append(r); bar.update()
-    return out
-
 # %% ../nbs/14_irn.ipynb #734f435a
-def _prepare_out(out: Path, params: dict, names: list, overwrite: bool) -> None:
-    "Make `out` ready for labels made with `params`: refuse other parameters (unless `overwrite`), drop stale temp files."
-    pfile = out / "params.json"
-    if overwrite:
-        for name in names: (out / f"{name}.png").unlink(missing_ok=True)
-    elif pfile.is_file() and load_json(pfile) != params:
-        raise BadInputError(f"{pfile}: the labels in {out} were made with {load_json(pfile)}, not {params}; "
-                            f"pass overwrite=True to redo them or out= for another folder")
-    save_json(pfile, params)
-    for stale in out.glob(".*.png.*.tmp"): stale.unlink(missing_ok=True)
-
-
-def _check_cam_files(run_dir: Path, ds, n: int, split: str) -> None:
-    "One error listing the images (of the first `n`) without a CAM file."
-    missing = [ds.name(i) for i in range(n) if not (run_dir / "cams" / f"{ds.name(i)}.npz").is_file()]
-    if missing:
-        raise BadInputError(f"{run_dir / 'cams'}: no CAM file for {len(missing)} of the {n} listed image(s) of split {split!r}, "
-                            f"e.g. {missing[:5]}; run infer_cams for this split first")
-
-
-def _summary(results: list, **kw) -> dict:
-    "Counts and CPU seconds per computed image of a `map_images` run."
-    status = [s for _, s, _ in results]
-    cpu = [c for _, s, c in results if s != "kept"]
-    return dict(kw, n_images=len(results), n_written=status.count("written"), n_rewritten=status.count("rewritten"),
-                n_kept=status.count("kept"), cpu_s_per_image=float(np.mean(cpu)) if cpu else None)
-
-
 def cam_to_ir_label(run_dir, split: str | None = None, which: str = "final", conf_fg: float = 0.30, conf_bg: float = 0.05,
                     bg: str = "threshold", alpha: float = 1.0, bg_scale: float = 0.5, gt_prob: float = 0.7,
                     crf: dict | None = None, out=None, n_workers: int | None = None, dataset: str | None = None,
                     data_root: str | None = None, limit: int | None = None, overwrite: bool = False,
                     start_method: str | None = None) -> dict:
     "IR labels (palette PNGs: confident classes, 0, 255 = unsure) of every image of `split` from the run's CAMs `which`; parallel, resumable."
-    run_dir = Path(run_dir)
-    dataset, data_root, split = run_source(run_dir, dataset, data_root, split)
+    run = Run(run_dir)
+    dataset, data_root, split = run.source(dataset, data_root, split)
     ds = load_dataset(dataset, data_root, split)
-    out = Path(out) if out is not None else run_dir / "pseudo_labels" / "ir"
+    out = Path(out) if out is not None else run.labels_dir("ir")
     crf = {k: v for k, v in check_crf_params({**CRF_PRESETS["irn"], **(crf or {})}).items() if k != "clip"}
     probe = np.zeros((1, 2, 2), np.float32)
     ir_label(np.zeros((2, 2, 3), np.uint8), probe, [1], conf_fg, conf_bg, bg, alpha, bg_scale, gt_prob, **crf)   # validates now
     params = dict(method="ir", which=which, conf_fg=float(conf_fg), conf_bg=float(conf_bg), bg=bg, alpha=float(alpha),
                   bg_scale=float(bg_scale), gt_prob=float(gt_prob), crf=crf)
     n = len(ds) if limit is None else min(limit, len(ds))
-    _check_cam_files(run_dir, ds, n, split)
-    _prepare_out(out, params, [ds.name(i) for i in range(n)], overwrite)
+    run.require_cams(ds, n)
+    outputs = ImageOutputs(out, params).prepare([ds.name(i) for i in range(n)], overwrite)
     t0 = time.perf_counter()
-    results = map_images(_IRJob(ds, run_dir, out, params), n, n_workers, f"IR labels {split}", start_method)
-    return _summary(results, out=out, split=split, which=which, wall_s=time.perf_counter() - t0)
-
-# %% ../nbs/14_irn.ipynb #6274b77f
-def path_offsets(radius: float) -> np.ndarray:
-    "int64 (K,2) offsets (dy,dx) of the half neighbourhood 0 < dy²+dx² < radius², with dy > 0 or (dy = 0 and dx > 0)."
-    if not radius > 1: raise BadInputError(f"radius={radius}; expected a number > 1 (in grid cells)")
-    r = int(np.ceil(radius))
-    dy, dx = np.mgrid[0:r + 1, -r:r + 1]
-    d2 = dy ** 2 + dx ** 2
-    keep = (d2 > 0) & (d2 < radius ** 2) & ((dy > 0) | (dx > 0))
-    return np.stack([dy[keep], dx[keep]], 1).astype(np.int64)
-
-
-def offset_path(d) -> np.ndarray:
-    "int64 (L,2) grid points within distance < 1 of the segment from (0,0) to `d` = (dy,dx), both ends included, in order along it."
-    d = np.asarray(d, np.float64)
-    lo, hi = np.minimum(d, 0).astype(int) - 1, np.maximum(d, 0).astype(int) + 1
-    ys, xs = np.mgrid[lo[0]:hi[0] + 1, lo[1]:hi[1] + 1]
-    p = np.stack([ys.ravel(), xs.ravel()], 1).astype(np.float64)
-    t = np.clip(p @ d / (d @ d), 0, 1)
-    near = np.linalg.norm(p - t[:, None] * d, axis=1) < 1 - 1e-9
-    pts = p[near].astype(np.int64)
-    return pts[np.argsort(pts @ d, kind="stable")]
-
-# %% ../nbs/14_irn.ipynb #bfca94fc
-class RelationPaths:
-    "The half neighbourhood of `radius` on a grid: offsets (K,2), their paths, and a plan to take path maxima incrementally."
-    def __init__(self, radius: float = 5):
-        self.radius = float(radius)
-        self.offsets = path_offsets(radius)
-        paths = [offset_path(d) for d in self.offsets]
-        self.points = np.unique(np.concatenate(paths), axis=0)                 # (U,2): every point some path visits
-        lookup = {tuple(p): u for u, p in enumerate(self.points.tolist())}
-        sets = [frozenset(lookup[tuple(q)] for q in p.tolist()) for p in paths]
-        self.plan = []                                                         # (k, parent k or -1, point indices to add)
-        for k in sorted(range(len(sets)), key=lambda k: (len(sets[k]), k)):
-            subs = [j for j, _, _ in self.plan if sets[j] < sets[k]]
-            parent = max(subs, key=lambda j: (len(sets[j]), -j), default=-1)
-            self.plan.append((k, parent, sorted(sets[k] - (sets[parent] if parent >= 0 else frozenset()))))
-        self.pad = int(np.abs(self.points).max())
-
-    def __len__(self) -> int: return len(self.offsets)
-
-    def __repr__(self) -> str:
-        return (f"RelationPaths(radius={self.radius:g}: {len(self)} offsets, {len(self.points)} path points, "
-                f"{sum(len(e) for _, _, e in self.plan)} maps in the max plan)")
-
-
-def edge_to_affinity(edge: torch.Tensor, paths: RelationPaths) -> torch.Tensor:
-    "Affinity (N,K,h,w) of every pixel p to p+d_k: 1 − max of the boundary map `edge` (N,h,w) along the path (0 off the grid)."
-    if edge.ndim != 3: raise BadInputError(f"edge has shape {tuple(edge.shape)}; expected (N, h, w)")
-    N, h, w = edge.shape
-    r, dev = paths.pad, edge.device
-    ep = F.pad(edge, (r, r, r, r), value=1.0)
-    grad = edge.requires_grad and torch.is_grad_enabled()
-    with torch.no_grad():
-        S = [ep[:, r + dy:r + dy + h, r + dx:r + dx + w] for dy, dx in paths.points.tolist()]   # views, no copies
-        M, W = [None] * len(paths), [None] * len(paths)
-        for k, parent, extra in paths.plan:
-            if parent >= 0: m, win, rest = M[parent], W[parent], extra
-            else: m, win, rest = S[extra[0]], torch.full_like(edge, extra[0], dtype=torch.int16), extra[1:]
-            for u in rest:
-                win = torch.where(S[u] > m, torch.tensor(u, dtype=torch.int16, device=dev), win)
-                m = torch.maximum(m, S[u])
-            M[k], W[k] = m, win
-        if not grad: return 1 - torch.stack(M, 1)
-        Hp, Wp = h + 2 * r, w + 2 * r
-        off = torch.as_tensor((paths.points[:, 0] + r) * Wp + paths.points[:, 1] + r, device=dev)
-        base = (torch.arange(N, device=dev)[:, None, None, None] * (Hp * Wp)
-                + torch.arange(h, device=dev)[:, None] * Wp + torch.arange(w, device=dev))
-        flat = base + off[torch.stack(W, 1).long()]
-    return 1 - ep.reshape(-1).take(flat)
-
-# %% ../nbs/14_irn.ipynb #e9964192
-def shift_maps(x: torch.Tensor, offsets, fill) -> torch.Tensor:
-    "(…,K,h,w) with out[…,k,y,x] = x[…,y+dy_k,x+dx_k] for `x` (…,h,w) and offsets (K,2); `fill` off the grid."
-    offsets = np.asarray(offsets)
-    h, w = x.shape[-2:]
-    r = int(np.abs(offsets).max())
-    xp = F.pad(x, (r, r, r, r), value=fill)
-    return torch.stack([xp[..., r + dy:r + dy + h, r + dx:r + dx + w] for dy, dx in offsets.tolist()], -3)
-
-
-def affinity_labels(label: torch.Tensor, offsets, ignore: int = 255) -> dict:
-    "Pair labels of every p and p+d_k from a label map (N,h,w): dict of bool (N,K,h,w) `bg_pos`, `fg_pos`, `neg`."
-    label = label.long()
-    src, dst = label[:, None], shift_maps(label, offsets, ignore)
-    valid = (src != ignore) & (dst != ignore)
-    same = src == dst
-    return dict(bg_pos=valid & same & (src == 0), fg_pos=valid & same & (src != 0), neg=valid & ~same)
-
-
-def grid_labels(mask: torch.Tensor, grid) -> torch.Tensor:
-    "A label map (N,H,W) on the stride-4 grid `grid` = (h,w): the label at the centre of each cell."
-    return F.interpolate(mask[:, None].float(), size=tuple(grid), mode="nearest-exact")[:, 0].long()
-
-# %% ../nbs/14_irn.ipynb #49f8883e
-AFF_KEYS = ("bg_pos", "fg_pos", "neg")
-
-
-def irn_losses(out: dict, label: torch.Tensor, paths: RelationPaths, world: int = 1) -> dict:
-    "IRN losses of network outputs `out` (edge logits (N,1,h,w), dp (N,2,h,w)) for grid labels (N,h,w): dict(loss, loss_*, n_*)."
-    edge, dp = out["edge"].float(), out["dp"].float()
-    if label.shape != edge.shape[:1] + edge.shape[2:]:
-        raise BadInputError(f"label has shape {tuple(label.shape)}; expected {(edge.shape[0], *edge.shape[2:])} (the edge grid)")
-    aff = edge_to_affinity(torch.sigmoid(edge[:, 0]), paths)
-    lab = affinity_labels(label, paths.offsets)
-    counts = torch.stack([lab[k].sum() for k in AFF_KEYS]).to(edge.dtype)
-    if world > 1: dist.all_reduce(counts)
-    n_bg, n_fg, n_neg = (counts + 1e-5).unbind()
-    w = float(world)
-    loss_bg = w * (-torch.log(aff + 1e-5) * lab["bg_pos"]).sum() / n_bg
-    loss_fg = w * (-torch.log(aff + 1e-5) * lab["fg_pos"]).sum() / n_fg
-    loss_neg = w * (-torch.log(1 + 1e-5 - aff) * lab["neg"]).sum() / n_neg
-    pair = dp[:, :, None] - shift_maps(dp, paths.offsets, 0.0)                  # D(p) − D(p+d): (N,2,K,h,w)
-    d = torch.as_tensor(paths.offsets, dtype=dp.dtype, device=dp.device).t()[None, :, :, None, None]
-    loss_dp_fg = w * ((pair - d).abs() * lab["fg_pos"][:, None]).sum() / (2 * n_fg)
-    loss_dp_bg = w * (pair.abs() * lab["bg_pos"][:, None]).sum() / (2 * n_bg)
-    loss = ((loss_bg + loss_fg) / 2 + loss_neg) / 2 + (loss_dp_fg + loss_dp_bg) / 2
-    return dict(loss=loss, loss_bg_pos=loss_bg, loss_fg_pos=loss_fg, loss_neg=loss_neg, loss_dp_fg=loss_dp_fg,
-                loss_dp_bg=loss_dp_bg, **{f"n_{k}": c for k, c in zip(AFF_KEYS, counts)})
+    results = map_images(IRJob(ds, run, outputs, params), list(range(n)), n_workers, f"IR labels {split}", start_method)
+    return count_results(results, out=out, split=split, which=which, wall_s=time.perf_counter() - t0)
 
 # %% ../nbs/14_irn.ipynb #3af7a240
 def _branch(c_in: int, c_out: int, groups: int) -> nn.Sequential:
@@ -385,31 +183,11 @@ class IRNConfig(JSONConfig):
 
 
 # %% ../nbs/14_irn.ipynb #dd61121d
-class _IRLabelled:
-    "A dataset reader whose `mask(i)` is the IR label `label_dir/<id>.png` (for `TrainDataset(with_mask=True)`)."
-    def __init__(self, ds, label_dir):
-        self.ds, self.label_dir = ds, Path(label_dir)
-
-    def __getattr__(self, k):
-        if k == "ds" or k.startswith("__"): raise AttributeError(k)
-        return getattr(self.ds, k)
-
-    def __len__(self) -> int: return len(self.ds)
-
-    def mask(self, i: int) -> np.ndarray:
-        path = self.label_dir / f"{self.ds.name(i)}.png"
-        if not path.is_file(): raise BadInputError(f"{path}: no IR label for image {self.ds.name(i)}; run cam_to_ir_label first")
-        m = read_label_png(path)
-        if m.shape != self.ds.image_size(i):
-            raise BadInputError(f"{path}: IR label size {m.shape} differs from image {self.ds.name(i)}'s {self.ds.image_size(i)}")
-        return m
-
-
 def _init_encoder(model: IRNet, cfg: IRNConfig, run_dir: Path) -> bool:
     "Load the encoder weights `cfg.pretrained` asks for; True if weights were loaded (False: random, calibrate BN)."
     if cfg.pretrained is None: return False
     if cfg.pretrained == "run":
-        ckpt = run_dir / "ckpt" / "final.pt"
+        ckpt = Run(run_dir).final_ckpt
         if not ckpt.is_file():
             raise BadInputError(f"{ckpt}: not found; pretrained='run' starts IRN from the POT run's trained encoder "
                                 f"(train the run first, or pass pretrained=None / a path to ImageNet weights)")
@@ -424,29 +202,23 @@ def _init_encoder(model: IRNet, cfg: IRNConfig, run_dir: Path) -> bool:
 # %% ../nbs/14_irn.ipynb #a43731e9
 def irn_dataset(run_dir, cfg: IRNConfig, split: str, dataset: str, data_root) -> TrainDataset:
     "Training crops of `split` with the run's IR labels as masks (all of them must exist)."
-    ds = load_dataset(dataset, data_root, split)
-    label_dir = Path(run_dir) / "pseudo_labels" / "ir"
-    missing = [ds.name(i) for i in range(len(ds)) if not (label_dir / f"{ds.name(i)}.png").is_file()]
-    if missing: raise BadInputError(f"{label_dir}: no IR label for {len(missing)} of the {len(ds)} images of split {split!r} "
-                                    f"(e.g. {missing[:5]}); run cam_to_ir_label first")
-    return TrainDataset(_IRLabelled(ds, label_dir), cfg.crop, seed=cfg.seed, scale=cfg.scale, with_mask=True)
+    ds = PseudoLabels(load_dataset(dataset, data_root, split), Run(run_dir).labels_dir("ir"), hint="run cam_to_ir_label first",
+                      what="IR label")
+    return TrainDataset(ds, cfg.crop, seed=cfg.seed, scale=cfg.scale, with_mask=True)
 
 
 def new_irn(cfg: IRNConfig, run_dir, tds: TrainDataset, device) -> IRNet:
     "The network as training starts (call after `seed_everything(cfg.seed)`): encoder weights per `cfg.pretrained`, else BN calibrated."
     model = IRNet(cfg.backbone, cfg.train_backbone).to(device)
-    if not _init_encoder(model, cfg, Path(run_dir)):
-        tds.set_epoch(0)
-        first = epoch_batches(len(tds), cfg.batch_size, 0, cfg.seed)[:4]
-        calibrate_bn(model, (b["img"].to(device) for b in DataLoader(tds, batch_sampler=first, num_workers=cfg.num_workers)))
+    if not _init_encoder(model, cfg, Path(run_dir)): calibrate_bn(model, calibration_images(tds, cfg, device))
     return model
 
 # %% ../nbs/14_irn.ipynb #b1a72d8c
 def train_irn(run_dir, cfg: IRNConfig | None = None, split: str | None = None, resume: bool = True,
               dataset: str | None = None, data_root: str | None = None) -> Path:
     "Train IRN on the IR labels of `run_dir` (split `split`, default the run's eval split) into `run_dir/irn/`; resumable; returns it."
-    run_dir = Path(run_dir)
-    dataset, data_root, split = run_source(run_dir, dataset, data_root, split)
+    run = Run(run_dir)
+    dataset, data_root, split = run.source(dataset, data_root, split)
     cfg = cfg or IRNConfig.preset("toyvoc" if dataset == "toyvoc" else dataset)
     paths = RelationPaths(cfg.radius)
 
@@ -460,81 +232,20 @@ def train_irn(run_dir, cfg: IRNConfig | None = None, split: str | None = None, r
     def step_losses(net, batch, step, rank):
         o = net(batch["img"])
         label = grid_labels(batch["mask"], o["edge"].shape[-2:])
-        world = dist.get_world_size() if dist.is_initialized() else 1
         with torch.autocast(batch["img"].device.type, enabled=False):
-            return irn_losses(o, label, paths, world)
+            return irn_losses(o, label, paths, world_size())
 
-    return fit(run_dir / "irn", cfg, build, step_losses, desc=f"train IRN {run_dir.name}", resume=resume,
+    return fit(run.sub("irn"), cfg, build, step_losses, desc=f"train IRN {run.root.name}", resume=resume,
                meta=dict(dataset=dataset, data_root=str(data_root), split=split))
 
 
 def load_irn(run_dir, map_location="cpu") -> tuple[IRNet, IRNConfig]:
     "(IRNet in eval mode, its IRNConfig) of the finished IRN training in `run_dir/irn/`."
-    cfg, state = finished_run(Path(run_dir) / "irn", IRNConfig,
-                              "train IRN first (train_irn(run_dir) resumes an interrupted run)", map_location)
+    cfg, state = Run(run_dir).sub("irn").finished(IRNConfig, "train IRN first (train_irn(run_dir) resumes an interrupted run)",
+                                                  map_location)
     model = IRNet(cfg.backbone, cfg.train_backbone)
     model.load_state_dict(state)
     return model.eval(), cfg
-
-# %% ../nbs/14_irn.ipynb #785a784d
-def transition_matrix(aff: torch.Tensor, offsets, beta: float = 10.0) -> torch.Tensor:
-    "Sparse COO (M,M) transition T, T[i,j] = A_ij^β / Σ_k A_kj^β (columns sum to 1), from half affinities (K,h,w); A_ii = 1."
-    K, h, w = aff.shape
-    M, dev = h * w, aff.device
-    off = torch.as_tensor(np.asarray(offsets), device=dev)
-    ys, xs = torch.meshgrid(torch.arange(h, device=dev), torch.arange(w, device=dev), indexing="ij")
-    ty, tx = ys[None] + off[:, 0, None, None], xs[None] + off[:, 1, None, None]
-    inside = (ty >= 0) & (ty < h) & (tx >= 0) & (tx < w)
-    src, dst = (ys * w + xs).expand(K, h, w)[inside], (ty * w + tx)[inside]
-    a = aff[inside].clamp(0, 1) ** beta
-    diag = torch.arange(M, device=dev)
-    rows, cols = torch.cat([src, dst, diag]), torch.cat([dst, src, diag])
-    vals = torch.cat([a, a, torch.ones(M, device=dev, dtype=aff.dtype)])
-    colsum = torch.zeros(M, device=dev, dtype=aff.dtype).index_add_(0, cols, vals)
-    with torch.sparse.check_sparse_tensor_invariants(False):
-        return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals / colsum[cols], (M, M)).coalesce()
-
-
-def _walk_sparse(v: torch.Tensor, T: torch.Tensor, n_steps: int) -> torch.Tensor:
-    "v (n,M) times T^n_steps by repeated sparse products (SciPy on CPU, torch CSR elsewhere)."
-    Tt = T.t().coalesce()
-    if v.device.type == "cpu":
-        import scipy.sparse as sp
-        idx = Tt.indices().numpy()
-        S = sp.csr_matrix((Tt.values().numpy(), (idx[0], idx[1])), shape=tuple(Tt.shape))
-        x = np.ascontiguousarray(v.t().numpy())
-        for _ in range(n_steps): x = S @ x
-        return torch.from_numpy(np.ascontiguousarray(x.T))
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)   # "sparse CSR support is in beta"
-        S = Tt.to_sparse_csr()
-        x = v.t().contiguous()
-        for _ in range(n_steps): x = S @ x
-    return x.t().contiguous()
-
-
-WALK_METHODS = ("sparse", "dense")
-
-
-def random_walk(cams: torch.Tensor, edge: torch.Tensor, beta: float = 10.0, exp_times: int = 8, radius: float = 5,
-                method: str = "sparse") -> torch.Tensor:
-    "Maps `cams` (n,h,w) propagated by the random walk on boundary map `edge` (h,w): (cams·(1−edge)) T^(2^exp_times)."
-    if method not in WALK_METHODS: raise BadInputError(f"method={method!r}; expected one of {WALK_METHODS}")
-    if cams.ndim != 3 or edge.shape != cams.shape[1:]:
-        raise BadInputError(f"cams {tuple(cams.shape)} and edge {tuple(edge.shape)}; expected (n,h,w) maps on the edge's (h,w) grid")
-    if not (beta > 0 and int(exp_times) == exp_times and exp_times >= 0): raise BadInputError(f"beta={beta}, exp_times={exp_times}; expected beta > 0 and an integer exp_times >= 0")
-    n, h, w = cams.shape
-    paths = RelationPaths(radius)
-    with torch.no_grad():
-        edge = edge.float()
-        T = transition_matrix(edge_to_affinity(edge[None], paths)[0], paths.offsets, beta)
-        v = (cams.float() * (1 - edge)).reshape(n, h * w)
-        if method == "dense":
-            T = T.to_dense()
-            for _ in range(int(exp_times)): T = T @ T
-            return (v @ T).reshape(n, h, w)
-        return _walk_sparse(v, T, 2 ** int(exp_times)).reshape(n, h, w)
 
 # %% ../nbs/14_irn.ipynb #29c81654
 def cams_to_grid(cams, grid) -> torch.Tensor:
@@ -572,15 +283,30 @@ def irn_label(edge: torch.Tensor, cams, keys, beta: float = 10.0, exp_times: int
     return np.concatenate([[0], keys])[scores.argmax(0).cpu().numpy()].astype(np.uint8)
 
 # %% ../nbs/14_irn.ipynb #321cce70
+class IRNJob(LabelFromCAMs):
+    "The IRN label of one image: its boundary map from the trained network, then the random walk of its CAMs (in this process)."
+    def __init__(self, ds, run: Run, outputs: ImageOutputs, opts: dict, model, device):
+        super().__init__(ds, run, outputs, opts)
+        self.model, self.device, self.t_edge, self.t_walk = model, device, [], []
+
+    def label(self, img, maps, keys):
+        o = self.opts
+        t1 = time.perf_counter(); edge = edge_map(self.model, img, self.device)
+        t2 = time.perf_counter()
+        label = irn_label(edge, maps, keys, o["beta"], o["exp_times"], o["radius"], o["sem_seg_bg_thres"], o["walk_method"])
+        self.t_edge.append(t2 - t1); self.t_walk.append(time.perf_counter() - t2)
+        return label
+
+
 def make_irn_labels(run_dir, split: str | None = None, which: str = "final", beta: float = 10.0, exp_times: int = 8,
                     radius: float = 5, sem_seg_bg_thres: float = 0.25, method: str = "sparse", device: str = "auto",
                     out=None, dataset: str | None = None, data_root: str | None = None, limit: int | None = None,
                     overwrite: bool = False, n_figure: int = 4) -> dict:
     "IRN semantic pseudo labels (palette PNGs) of every image of `split`: random walk of the CAMs `which` on IRN's boundaries; resumable."
-    run_dir = Path(run_dir)
-    dataset, data_root, split = run_source(run_dir, dataset, data_root, split)
+    run = Run(run_dir)
+    dataset, data_root, split = run.source(dataset, data_root, split)
     ds = load_dataset(dataset, data_root, split)
-    out = Path(out) if out is not None else run_dir / "pseudo_labels" / "irn"
+    out = Path(out) if out is not None else run.labels_dir("irn")
     if method not in WALK_METHODS: raise BadInputError(f"method={method!r}; expected one of {WALK_METHODS}")
     if not 0 <= sem_seg_bg_thres <= 1: raise BadInputError(f"sem_seg_bg_thres={sem_seg_bg_thres}; expected a value in [0, 1]")
     RelationPaths(radius)
@@ -589,70 +315,51 @@ def make_irn_labels(run_dir, split: str | None = None, which: str = "final", bet
     model, _ = load_irn(run_dir, map_location=dev)
     model.to(dev)
     params = dict(method="irn", which=which, beta=float(beta), exp_times=int(exp_times), radius=float(radius),
-                  sem_seg_bg_thres=float(sem_seg_bg_thres), irn_checkpoint_sha256=file_sha256(run_dir / "irn" / "ckpt" / "final.pt"))
+                  sem_seg_bg_thres=float(sem_seg_bg_thres), irn_checkpoint_sha256=file_sha256(run.sub("irn").final_ckpt))
     n = len(ds) if limit is None else min(limit, len(ds))
-    _check_cam_files(run_dir, ds, n, split)
-    _prepare_out(out, params, [ds.name(i) for i in range(n)], overwrite)
+    run.require_cams(ds, n)
+    job = IRNJob(ds, run, ImageOutputs(out, params).prepare([ds.name(i) for i in range(n)], overwrite),
+                 dict(params, walk_method=method), model, dev)
     t0 = time.perf_counter()
-    status, t_edge, t_walk = [], [], []
-    for i in tqdm(range(n), desc=f"IRN labels {split}", disable=n == 0):
-        name, png = ds.name(i), out / f"{ds.name(i)}.png"
-        existed = png.is_file()
-        if label_png_ok(png, ds.image_size(i)): status.append("kept"); continue
-        img = ds.image(i)
-        keys, maps = read_image_cams(run_dir, name, which, ds.labels(i), img.shape[:2])
-        if len(keys) == 0: raise BadInputError(f"image {name}: no present class; expected at least one")
-        t1 = time.perf_counter(); edge = edge_map(model, img, dev)
-        t2 = time.perf_counter(); label = irn_label(edge, maps, keys, beta, exp_times, radius, sem_seg_bg_thres, method)
-        t_edge.append(t2 - t1); t_walk.append(time.perf_counter() - t2)
-        save_palette_png(png, label)
-        status.append("rewritten" if existed else "written")
+    results = map_images(job, list(range(n)), 1, f"IRN labels {split}")          # one process: the network and the walk use torch's threads
     if n_figure and n:
         rows = []
         for i in range(min(n_figure, n)):
             img = ds.image(i)
-            ir = run_dir / "pseudo_labels" / "ir" / f"{ds.name(i)}.png"
+            ir = run.labels_dir("ir") / f"{ds.name(i)}.png"
             rows.append([img, edge_map(model, img, dev).cpu().numpy(), read_label_png(ir) if ir.is_file() else None,
                          read_label_png(out / f"{ds.name(i)}.png")])
-        image_grid(rows, col_titles=["image", "IRN boundary", "IR label", "IRN label"], path=run_dir / "figures" / f"irn_{split}.png")
-    return dict(out=out, split=split, which=which, n_images=n, n_written=status.count("written"),
-                n_rewritten=status.count("rewritten"), n_kept=status.count("kept"), wall_s=time.perf_counter() - t0,
-                edge_s_per_image=float(np.mean(t_edge)) if t_edge else None,
-                walk_s_per_image=float(np.mean(t_walk)) if t_walk else None, device=str(dev))
+        image_grid(rows, col_titles=["image", "IRN boundary", "IR label", "IRN label"], path=run.figure(f"irn_{split}.png"))
+    return count_results(results, out=out, split=split, which=which, wall_s=time.perf_counter() - t0, device=str(dev),
+                         edge_s_per_image=float(np.mean(job.t_edge)) if job.t_edge else None,
+                         walk_s_per_image=float(np.mean(job.t_walk)) if job.t_walk else None)
 
 # %% ../nbs/14_irn.ipynb #3587e4f4
-def irn_parser() -> argparse.ArgumentParser:
-    "Flags: --run_dir, --split, --stage, --preset, --which, --no-resume, and one per IRNConfig field."
-    p = argparse.ArgumentParser(prog="pot-irn", description="IRN pseudo labels from a POT run's CAMs (METHOD.md §5).")
-    p.add_argument("--run_dir", required=True)
-    p.add_argument("--split", default=None)
-    p.add_argument("--stage", default="all", choices=("all", "ir", "train", "labels"))
-    p.add_argument("--preset", default=None, help="voc | coco | toyvoc (default: from the run's dataset)")
+def irn_parser() -> Parser:
+    "Flags: --run_dir, --split, --stage, --which, --overwrite, --preset, --config, --no-resume, and one per IRNConfig field."
+    p = Parser(prog="pot-irn", description="IRN pseudo labels from a POT run's CAMs (METHOD.md §5).")
+    p.add_argument("--run_dir", required=True, help="the POT run folder (its cams/ and config.json)")
+    p.add_argument("--split", default=None, help="split to label (default: the run's eval_split)")
+    p.add_argument("--stage", default="all", choices=("all", "ir", "train", "labels"), help="one step, or all three and the evaluation")
     p.add_argument("--which", default="final", help="CAM map: cls | pot | pot_k1 | final")
-    p.add_argument("--no-resume", action="store_true")
-    for f in dataclasses.fields(IRNConfig):
-        if f.name == "scale": p.add_argument("--scale", type=float, nargs=2, default=argparse.SUPPRESS)
-        elif f.type in ("bool", bool): p.add_argument(f"--{f.name}", type=lambda s: s.lower() in ("1", "true", "yes"), default=argparse.SUPPRESS)
-        else:
-            base = {"int": int, "float": float}.get(str(f.type).split("|")[0].strip(), str)
-            p.add_argument(f"--{f.name}", type=lambda s, b=base: None if s.lower() == "none" else b(s), default=argparse.SUPPRESS)
-    return p
+    p.add_argument("--overwrite", action="store_true", help="redo labels made with other parameters")
+    add_run_flags(p, IRNConfig)
+    return add_config_flags(p, IRNConfig)
 
 
 @cli_main
 def irn_cli(argv=None) -> None:
     "Console entry point: run the IRN stage (or one step of it) on a POT run folder."
     a = vars(irn_parser().parse_args(argv))
-    run_dir, split, stage, preset, which = (a.pop(k) for k in ("run_dir", "split", "stage", "preset", "which"))
-    resume = not a.pop("no_resume")
-    dataset, _, split = run_source(Path(run_dir), None, None, split)
-    cfg = IRNConfig.preset(preset or ("toyvoc" if dataset == "toyvoc" else dataset), **a)
+    run_dir, split, stage, which, overwrite = (a.pop(k) for k in ("run_dir", "split", "stage", "which", "overwrite"))
+    dataset, _, split = Run(run_dir).source(None, None, split)
+    cfg, resume = config_from_flags(a, IRNConfig, default_preset="toyvoc" if dataset == "toyvoc" else dataset)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and stage != "train":
         raise BadInputError("under torchrun only --stage train runs (IR labels and the random walk are single-process stages)")
-    if stage in ("all", "ir"): print(cam_to_ir_label(run_dir, split, which=which))
+    if stage in ("all", "ir"): print(cam_to_ir_label(run_dir, split, which=which, overwrite=overwrite))
     if stage in ("all", "train"): train_irn(run_dir, cfg, split, resume=resume)
     if stage in ("all", "labels"):
-        print(make_irn_labels(run_dir, split, which=which, device=cfg.device))
+        print(make_irn_labels(run_dir, split, which=which, device=cfg.device, overwrite=overwrite))
         from pot.crf import evaluate_pseudo_labels
         print({k: v for k, v in evaluate_pseudo_labels(run_dir, split, method="irn").items() if k in ("miou", "precision", "recall")})
 

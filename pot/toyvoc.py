@@ -5,509 +5,74 @@
 # %% ../nbs/02_toyvoc.ipynb #2829bfee
 from __future__ import annotations
 
-import argparse
-import colorsys
-import functools
-import inspect
+import dataclasses
 import os
 import shutil
 import tempfile
 import time
-from collections import namedtuple
+from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .core import BadInputError, cli_main, load_json, save_json
-from .data import IGNORE, write_split
-from .viz import voc_palette
+from .cli import Parser, add_config_flags
+from .core import BadInputError, JSONConfig, cli_main, load_json, save_json
+from .data import voc_palette, write_split
+from .scenes import toyvoc_image
+from .shapes import BUILDERS, OTHER_CLASSES, TOYVOC_CLASSES
 
 # %% auto #0
-__all__ = ['TOYVOC_CLASSES', 'OTHER_CLASSES', 'PHOTO_TOYVOC', 'POOL', 'KEY', 'PLANT', 'Part', 'BUILDERS', 'TOYVOC_VERSION',
-           'toyvoc_image', 'generate_toyvoc', 'ensure_toyvoc', 'toyvoc_cli']
+__all__ = ['PHOTO_TOYVOC', 'TOYVOC_VERSION', 'ToyVOCConfig', 'generate_toyvoc', 'ensure_toyvoc', 'toyvoc_cli']
 
-# %% ../nbs/02_toyvoc.ipynb #10d20439
-TOYVOC_CLASSES = ("car", "flower", "fish", "bird", "house", "boat")
-OTHER_CLASSES = ("tree", "umbrella", "cup", "lamp", "kite")
+# %% ../nbs/02_toyvoc.ipynb #70e0c002
+@dataclass
+class ToyVOCConfig(JSONConfig):
+    "Every parameter of a ToyVOC: the keywords of `generate_toyvoc` / `ensure_toyvoc`, the flags of `pot-toyvoc`, the `params` of its manifest."
+    n_train: int = 600                  # training images
+    n_val: int = 150                    # validation images
+    size: int = 160                     # long side of an image in pixels (at least 48)
+    seed: int = 0                       # image i of split s is drawn from a generator seeded with (seed, s, i)
+    max_occlusion: float = 0.4          # every instance keeps at least 1 - max_occlusion of its area visible
+    classes_per_image: tuple = (1, 3)   # range (LO HI) of the number of classes in an image
+    max_instances: int = 4              # at most this many objects in an image
+    p_second: float = 0.35              # probability that a class in an image gets a second instance
+    scale: tuple = (0.65, 1.0)          # range (LO HI) of an object's size, a fraction of min(H, W) / n_instances^(1/4)
+    n_distractors: tuple = (2, 6)       # range (LO HI) of the number of distractor shapes
+    p_front: float = 0.25               # share of the distractors drawn in front of the objects (occluders)
+    p_decoy: float = 0.0                # probability of a decoy: a class body without its key part, labelled background
+    noise: float = 4.0                  # sensor noise, standard deviation in grey levels
+    border: int = 1                     # the 255 band: where the (2 border + 1)^2 neighbourhood holds two instances
+    jpeg_quality: int = 90              # JPEG quality of the images
+    min_pixels: int = 30                # labelled pixels every instance keeps outside the band (else the image is redrawn)
+    classes: tuple = TOYVOC_CLASSES     # class names in label order, from pot.shapes.BUILDERS
+    background: str = "procedural"      # procedural | photos
+
+    def __post_init__(self):
+        for k in ("classes_per_image", "scale", "n_distractors", "classes"):
+            v = getattr(self, k)
+            if isinstance(v, (str, bytes)) or not hasattr(v, "__iter__"):
+                raise BadInputError(f"ToyVOC {k}={v!r}; expected " + ("class names" if k == "classes" else "a range of two numbers (LO HI)"))
+            setattr(self, k, tuple(v))
+        unknown = [c for c in self.classes if c not in BUILDERS]
+        if unknown or not self.classes or len(set(self.classes)) < len(self.classes):
+            raise BadInputError(f"ToyVOC classes={list(self.classes)}; expected distinct names from {tuple(BUILDERS)}")
+        ranges = {k: getattr(self, k) for k in ("classes_per_image", "scale", "n_distractors")}
+        short = [k for k, v in ranges.items() if len(v) != 2]
+        if short: raise BadInputError(f"ToyVOC {', '.join(f'{k}={list(ranges[k])}' for k in short)}: expected a range of two numbers (LO HI)")
+        (c0, c1), (s0, s1), (d0, d1) = ranges.values()
+        checks = dict(n_train=self.n_train >= 1, n_val=self.n_val >= 0, size=self.size >= 48,
+                      max_occlusion=0 <= self.max_occlusion < 1, classes_per_image=1 <= c0 <= c1 <= len(self.classes),
+                      max_instances=self.max_instances >= 1, p_second=0 <= self.p_second <= 1, scale=0 < s0 <= s1,
+                      n_distractors=0 <= d0 <= d1, p_front=0 <= self.p_front <= 1, p_decoy=0 <= self.p_decoy <= 1,
+                      noise=self.noise >= 0, border=self.border >= 0, jpeg_quality=1 <= self.jpeg_quality <= 100,
+                      min_pixels=self.min_pixels >= 1, background=self.background in ("procedural", "photos"))
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad: raise BadInputError(f"ToyVOC parameter(s) out of range: {', '.join(f'{k}={getattr(self, k)}' for k in bad)}")
+
+
 PHOTO_TOYVOC = dict(classes=OTHER_CLASSES, background="photos", seed=1)   # the second benchmark (below)
-
-POOL = dict(brick=(176, 72, 56), navy=(50, 76, 148), olive=(112, 126, 58), sand=(196, 170, 118),
-            slate=(108, 116, 128), brown=(126, 82, 54), teal=(54, 126, 126), plum=(116, 68, 110),
-            cream=(224, 216, 192))
-
-KEY = dict(black=(28, 28, 30), silver=(200, 202, 210), gold=(236, 186, 40), red=(214, 36, 44),
-           yellow=(248, 214, 44), violet=(146, 62, 198), white=(244, 244, 240), orange=(248, 128, 24),
-           cyan=(30, 196, 218), door=(72, 42, 22), lit=(250, 230, 120), green_door=(40, 110, 60))
-
-PLANT = dict(stem=(64, 140, 60), leaf=(86, 160, 72), window=(172, 200, 220), dark=(52, 44, 40))
-
-# %% ../nbs/02_toyvoc.ipynb #cbaa4d67
-Part = namedtuple("Part", "pts c1 tex key")
-
-
-def _rect(x0, y0, x1, y1): return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], float)
-def _poly(*pts): return np.array(pts, float)
-
-
-def _ell(cx, cy, ax, ay, ang=0.0, n=32):
-    t, a = np.linspace(0, 2 * np.pi, n, endpoint=False), np.deg2rad(ang)
-    x, y = ax * np.cos(t), ay * np.sin(t)
-    return np.stack([cx + x * np.cos(a) - y * np.sin(a), cy + x * np.sin(a) + y * np.cos(a)], 1)
-
-
-def _jit(rng, c, amt=14, light=(0.85, 1.15)):
-    "A colour jittered in brightness and per channel."
-    return np.clip(np.asarray(c, float) * rng.uniform(*light) + rng.integers(-amt, amt + 1, 3), 0, 255)
-
-
-def _shade(c, f): return np.clip(np.asarray(c, float) * f, 0, 255)
-
-# %% ../nbs/02_toyvoc.ipynb #5cb1f6e2
-def _tex(rng, kind, c1, c2=None):
-    "Texture spec: (kind, second colour, period px, angle rad) with per-instance period and angle."
-    return (kind, c2 if c2 is not None else _shade(c1, 0.7), float(rng.uniform(3.0, 7.0)), float(rng.uniform(0, np.pi)))
-
-
-def _car(rng, mode):
-    if mode == 0:
-        b = _jit(rng, POOL[rng.choice(["brick", "navy", "slate"])])
-        parts = [Part(_poly((-0.5, 0.0), (-0.45, -0.06), (0.45, -0.06), (0.5, 0.0), (0.5, 0.18), (-0.5, 0.18)), b, None, False),
-                 Part(_poly((-0.27, -0.06), (0.25, -0.06), (0.13, -0.25), (-0.15, -0.25)), b, None, False),
-                 Part(_poly((-0.22, -0.08), (0.2, -0.08), (0.11, -0.21), (-0.12, -0.21)), _jit(rng, PLANT["window"], 8), None, False)]
-        wheels, r, hub = [-0.28, 0.28], 0.11, KEY["silver"]
-    else:
-        b, cab = _jit(rng, POOL[rng.choice(["sand", "teal", "brown"])]), _jit(rng, POOL[rng.choice(["sand", "teal", "brown"])])
-        parts = [Part(_rect(-0.5, -0.3, 0.16, 0.16), b, _tex(rng, "stripes", b, _shade(b, 1.25)), False),
-                 Part(_poly((0.18, -0.16), (0.4, -0.16), (0.5, 0.0), (0.5, 0.16), (0.18, 0.16)), cab, None, False),
-                 Part(_poly((0.28, -0.12), (0.39, -0.12), (0.46, -0.01), (0.28, -0.01)), _jit(rng, PLANT["window"], 8), None, False)]
-        wheels, r, hub = [-0.36, -0.14, 0.34], 0.09, KEY["gold"]
-    y = 0.18 if mode == 0 else 0.16
-    parts += [Part(_ell(x, y, r, r), _jit(rng, KEY["black"], 6, (0.9, 1.1)), None, True) for x in wheels]
-    parts += [Part(_ell(x, y, 0.42 * r, 0.42 * r), _jit(rng, hub, 8, (0.9, 1.1)), None, True) for x in wheels]
-    return parts
-
-
-def _flower(rng, mode):
-    stem, leaf = _jit(rng, PLANT["stem"], 10), _jit(rng, PLANT["leaf"], 10)
-    if mode == 0:
-        pot = _jit(rng, POOL[rng.choice(["brick", "sand", "brown"])])
-        parts = [Part(_poly((-0.22, 0.16), (0.22, 0.16), (0.16, 0.5), (-0.16, 0.5)), pot, _tex(rng, "stripes", pot), False),
-                 Part(_rect(-0.25, 0.11, 0.25, 0.19), _shade(pot, 0.85), None, False),
-                 Part(_rect(-0.022, -0.3, 0.022, 0.12), stem, None, False),
-                 Part(_ell(-0.13, -0.02, 0.14, 0.05, -30), leaf, None, False),
-                 Part(_ell(0.13, 0.04, 0.14, 0.05, 30), leaf, None, False)]
-        petal, centre = _jit(rng, KEY["red"], 8, (0.9, 1.1)), _jit(rng, KEY["yellow"], 8, (0.9, 1.1))
-        t = np.arange(6) * np.pi / 3 + rng.uniform(0, np.pi / 3)
-        parts += [Part(_ell(0.1 * np.cos(a), -0.36 + 0.1 * np.sin(a), 0.065, 0.065), petal, None, True) for a in t]
-        parts += [Part(_ell(0, -0.36, 0.055, 0.055), centre, None, True)]
-    else:
-        vase = _jit(rng, POOL[rng.choice(["navy", "teal", "cream"])])
-        parts = [Part(_ell(0, 0.3, 0.17, 0.2), vase, _tex(rng, "dots", vase, _shade(vase, 1.35)), False),
-                 Part(_rect(-0.07, 0.05, 0.07, 0.14), vase, None, False),
-                 Part(_rect(-0.02, -0.26, 0.02, 0.08), stem, None, False),
-                 Part(_ell(-0.08, -0.06, 0.04, 0.16, -20), leaf, None, False),
-                 Part(_ell(0.09, -0.02, 0.04, 0.15, 25), leaf, None, False)]
-        v = _jit(rng, KEY["violet"], 8, (0.9, 1.1))
-        parts += [Part(_ell(0, -0.34, 0.085, 0.1), v, None, True),
-                  Part(_poly((-0.085, -0.36), (-0.06, -0.47), (-0.02, -0.38)), v, None, True),
-                  Part(_poly((-0.03, -0.38), (0.0, -0.49), (0.03, -0.38)), v, None, True),
-                  Part(_poly((0.02, -0.38), (0.06, -0.47), (0.085, -0.36)), v, None, True),
-                  Part(_ell(0, -0.32, 0.022, 0.06), _jit(rng, KEY["white"], 6, (0.95, 1.0)), None, True)]
-    return parts
-
-
-def _eye(rng, x, y, r=0.04):
-    return [Part(_ell(x, y, r, r), _jit(rng, KEY["white"], 6, (0.95, 1.0)), None, False),
-            Part(_ell(x - 0.01, y, r / 2, r / 2), _jit(rng, KEY["black"], 4, (0.9, 1.1)), None, False)]
-
-
-def _fish(rng, mode):
-    if mode == 0:
-        b = _jit(rng, POOL[rng.choice(["sand", "brick", "plum"])])
-        parts = [Part(_poly((-0.2, -0.14), (0.08, -0.14), (-0.08, -0.3)), _shade(b, 0.75), None, False),
-                 Part(_ell(-0.05, 0, 0.36, 0.2), b, _tex(rng, "stripes", b, _jit(rng, POOL["cream"], 8)), False),
-                 Part(_ell(-0.06, 0.08, 0.08, 0.04, 30), _shade(b, 0.75), None, False),
-                 Part(_poly((0.27, 0), (0.5, -0.2), (0.43, 0), (0.5, 0.2)), _jit(rng, KEY["orange"], 8, (0.9, 1.1)), None, True)]
-        return parts + _eye(rng, -0.29, -0.05)
-    b = _jit(rng, POOL[rng.choice(["navy", "slate", "teal"])])
-    c = _jit(rng, KEY["cyan"], 8, (0.9, 1.1))
-    parts = [Part(_poly((-0.05, -0.1), (0.15, -0.1), (0.1, -0.24)), _shade(b, 0.75), None, False),
-             Part(_ell(-0.02, 0, 0.42, 0.14), b, _tex(rng, "dots", b, _shade(b, 1.4)), False),
-             Part(_poly((0.36, 0), (0.52, -0.22), (0.47, -0.03), (0.47, 0.03), (0.52, 0.22)), c, None, True),
-             Part(_rect(0.32, -0.05, 0.38, 0.05), c, None, True)]
-    return parts + _eye(rng, -0.33, -0.03, 0.035)
-
-
-def _bird(rng, mode):
-    if mode == 0:
-        b = _jit(rng, POOL[rng.choice(["brown", "sand", "olive"])])
-        body, wing = Part(_ell(0.05, 0.05, 0.3, 0.19, -10), b, None, False), Part(_ell(0.1, 0.02, 0.2, 0.1, -15), _shade(b, 0.7), _tex(rng, "stripes", _shade(b, 0.7)), False)
-        head, beak = _jit(rng, KEY["red"], 8, (0.9, 1.1)), _jit(rng, KEY["yellow"], 8, (0.9, 1.1))
-        keys = [Part(_ell(-0.26, -0.16, 0.12, 0.12), head, None, True),
-                Part(_poly((-0.35, -0.2), (-0.35, -0.11), (-0.5, -0.15)), beak, None, True)]
-    else:
-        b = _jit(rng, POOL[rng.choice(["navy", "slate", "teal"])])
-        body, wing = Part(_ell(0.05, 0.05, 0.3, 0.19, -10), b, _tex(rng, "checker", b, _shade(b, 1.3)), False), Part(_ell(0.1, 0.02, 0.2, 0.1, -15), _shade(b, 0.7), None, False)
-        keys = [Part(_ell(-0.26, -0.16, 0.12, 0.12), _jit(rng, KEY["black"], 6, (0.9, 1.1)), None, True),
-                Part(_ell(-0.27, -0.11, 0.065, 0.05), _jit(rng, KEY["white"], 6, (0.95, 1.0)), None, True),
-                Part(_poly((-0.35, -0.21), (-0.35, -0.12), (-0.54, -0.17)), _jit(rng, KEY["orange"], 8, (0.9, 1.1)), None, True)]
-    dark = _jit(rng, PLANT["dark"], 8)
-    parts = [Part(_poly((0.25, -0.02), (0.52, -0.14), (0.52, 0.06)), _shade(b, 0.8), None, False),
-             Part(_rect(-0.03, 0.2, -0.0, 0.42), dark, None, False), Part(_rect(0.07, 0.2, 0.1, 0.42), dark, None, False),
-             body, wing] + keys
-    return parts + _eye(rng, -0.29, -0.19, 0.03)
-
-
-def _house(rng, mode):
-    dark = _jit(rng, PLANT["dark"], 8)
-    if mode == 0:
-        roof, wall = _jit(rng, POOL[rng.choice(["brown", "slate", "brick"])]), _jit(rng, POOL[rng.choice(["brick", "sand", "cream"])])
-        return [Part(_poly((-0.46, -0.04), (0.46, -0.04), (0, -0.42)), roof, _tex(rng, "stripes", roof), False),
-                Part(_rect(-0.36, -0.04, 0.36, 0.46), wall, _tex(rng, "bricks", wall, _shade(wall, 0.75)), False),
-                Part(_rect(0.08, 0.18, 0.24, 0.46), _jit(rng, KEY["door"], 6, (0.9, 1.1)), None, True),
-                Part(_ell(0.2, 0.33, 0.018, 0.018), _jit(rng, KEY["gold"], 6, (0.9, 1.1)), None, True),
-                Part(_rect(-0.28, 0.06, -0.06, 0.24), _jit(rng, PLANT["window"], 6, (0.95, 1.1)), None, True),
-                Part(_rect(-0.18, 0.06, -0.16, 0.24), dark, None, True),
-                Part(_rect(-0.28, 0.14, -0.06, 0.16), dark, None, True)]
-    wall, top = _jit(rng, POOL[rng.choice(["slate", "teal", "sand"])]), _jit(rng, POOL[rng.choice(["slate", "brown"])])
-    door = _jit(rng, KEY["green_door"], 6, (0.9, 1.1))
-    return [Part(_rect(-0.3, -0.3, 0.3, -0.22), _shade(top, 0.8), None, False),
-            Part(_rect(-0.24, -0.22, 0.24, 0.46), wall, None, False),
-            Part(_ell(0, -0.02, 0.09, 0.09), _jit(rng, KEY["lit"], 6, (0.95, 1.05)), None, True),
-            Part(_rect(-0.01, -0.11, 0.01, 0.07), dark, None, True),
-            Part(_rect(-0.09, -0.03, 0.09, -0.01), dark, None, True),
-            Part(_rect(-0.08, 0.26, 0.08, 0.46), door, None, True),
-            Part(_ell(0, 0.26, 0.08, 0.08), door, None, True)]
-
-
-def _boat(rng, mode):
-    dark = _jit(rng, PLANT["dark"], 8)
-    if mode == 0:
-        hull, sail = _jit(rng, POOL[rng.choice(["navy", "brick", "brown"])]), _jit(rng, POOL[rng.choice(["cream", "sand"])], 8)
-        return [Part(_poly((0.0, -0.4), (0.0, 0.14), (0.42, 0.14)), sail, None, False),
-                Part(_poly((0.0, -0.3), (0.0, 0.14), (-0.3, 0.14)), _shade(sail, 0.92), None, False),
-                Part(_rect(-0.018, -0.44, 0.018, 0.18), dark, None, False),
-                Part(_poly((-0.5, 0.18), (0.5, 0.18), (0.36, 0.38), (-0.38, 0.38)), hull, None, False),
-                Part(_rect(-0.21, -0.47, -0.018, -0.35), _jit(rng, KEY["red"], 6, (0.9, 1.1)),
-                     ("checker", _jit(rng, KEY["white"], 4, (0.95, 1.0)), 2.5, 0.0), True)]
-    hull, cabin = _jit(rng, POOL[rng.choice(["slate", "teal", "plum"])]), _jit(rng, POOL[rng.choice(["cream", "sand"])], 8)
-    return [Part(_rect(0.0, -0.4, 0.14, -0.34), _jit(rng, KEY["black"], 4, (0.9, 1.1)), None, True),
-            Part(_rect(0.0, -0.34, 0.14, -0.08), _jit(rng, KEY["red"], 6, (0.9, 1.1)), None, True),
-            Part(_rect(0.0, -0.25, 0.14, -0.21), _jit(rng, KEY["white"], 4, (0.95, 1.0)), None, True),
-            Part(_rect(-0.3, -0.1, 0.25, 0.1), cabin, None, False),
-            Part(_poly((-0.5, 0.1), (0.5, 0.1), (0.4, 0.32), (-0.42, 0.32)), hull, _tex(rng, "stripes", hull, _shade(hull, 0.8)), False)]
-
-
-
-
-# %% ../nbs/02_toyvoc.ipynb #oth3rbld
-def _tree(rng, mode):
-    trunk = _jit(rng, POOL[rng.choice(["brown", "sand"])])
-    crown = _jit(rng, POOL[rng.choice(["olive", "teal", "slate"])])
-    if mode == 0:
-        parts = [Part(_rect(-0.06, 0.05, 0.06, 0.5), trunk, _tex(rng, "stripes", trunk), False),
-                 Part(_ell(0, -0.15, 0.38, 0.34), crown, _tex(rng, "dots", crown, _shade(crown, 1.25)), False)]
-        red = _jit(rng, KEY["red"], 8, (0.9, 1.1))
-        return parts + [Part(_ell(x, y, 0.05, 0.05), red, None, True)
-                        for x, y in ((-0.2, -0.2), (0.05, -0.3), (0.2, -0.05), (-0.05, 0.0), (0.15, -0.22))]
-    parts = [Part(_rect(-0.05, 0.3, 0.05, 0.5), trunk, None, False)]
-    parts += [Part(_poly((-0.4 + 0.08 * k, 0.32 - 0.22 * k), (0.4 - 0.08 * k, 0.32 - 0.22 * k), (0.0, -0.02 - 0.22 * k)),
-                   _shade(crown, 0.85 + 0.1 * k), None, False) for k in range(3)]
-    star = [(0.1 * np.cos(a) * (1 if j % 2 == 0 else 0.45), -0.5 + 0.1 * np.sin(a) * (1 if j % 2 == 0 else 0.45))
-            for j, a in enumerate(np.arange(10) * np.pi / 5 - np.pi / 2)]
-    return parts + [Part(_poly(*star), _jit(rng, KEY["yellow"], 8, (0.9, 1.1)), None, True)]
-
-
-def _umbrella(rng, mode):
-    dark = _jit(rng, PLANT["dark"], 8)
-    c = _jit(rng, POOL[rng.choice(["navy", "plum", "brick", "teal"])])
-    if mode == 0:
-        dome = np.concatenate([_ell(0, 0, 0.48, 0.36)[16:], [[0.48, 0.0]]])        # the upper half of an ellipse
-        return [Part(_rect(-0.015, -0.05, 0.015, 0.36), dark, None, False),
-                Part(dome + [0, -0.02], c, _tex(rng, "stripes", c, _shade(c, 1.3)), False),
-                Part(_poly((-0.02, 0.34), (0.02, 0.34), (0.02, 0.44), (-0.12, 0.44), (-0.12, 0.38), (-0.08, 0.38),
-                           (-0.08, 0.4), (-0.02, 0.4)), _jit(rng, KEY["black"], 6, (0.9, 1.1)), None, True),
-                Part(_rect(-0.02, -0.46, 0.02, -0.36), _jit(rng, KEY["black"], 6, (0.9, 1.1)), None, True)]
-    orange = _jit(rng, KEY["orange"], 8, (0.9, 1.1))
-    return [Part(_rect(-0.015, -0.2, 0.015, 0.5), dark, None, False),
-            Part(_poly((-0.5, -0.1), (0.0, -0.32), (0.5, -0.1)), c, _tex(rng, "checker", c, _shade(c, 1.3)), False)] + \
-           [Part(_poly((x - 0.03, -0.1), (x + 0.03, -0.1), (x, 0.0)), orange, None, True) for x in np.linspace(-0.45, 0.45, 7)]
-
-
-def _cup(rng, mode):
-    c = _jit(rng, POOL[rng.choice(["cream", "sand", "navy", "teal"])])
-    if mode == 0:
-        lobes = [Part(_ell(-0.05, -0.02, 0.06, 0.06), _jit(rng, KEY["red"], 8, (0.9, 1.1)), None, True),
-                 Part(_ell(0.05, -0.02, 0.06, 0.06), _jit(rng, KEY["red"], 8, (0.9, 1.1)), None, True),
-                 Part(_poly((-0.105, 0.0), (0.105, 0.0), (0.0, 0.13)), _jit(rng, KEY["red"], 8, (0.9, 1.1)), None, True)]
-        return [Part(_ell(0.32, 0.0, 0.16, 0.2), _shade(c, 0.8), None, False),
-                Part(_ell(0.32, 0.0, 0.08, 0.11), _jit(rng, _bg_colour(rng), 4), None, False),
-                Part(_rect(-0.3, -0.35, 0.3, 0.4), c, _tex(rng, "stripes", c, _shade(c, 0.8)), False)] + lobes
-    return [Part(_ell(0, 0.36, 0.48, 0.1), _shade(c, 0.8), None, False),
-            Part(_ell(0.34, 0.0, 0.12, 0.12), _shade(c, 0.85), None, False),
-            Part(_poly((-0.36, -0.2), (0.36, -0.2), (0.22, 0.3), (-0.22, 0.3)), c, _tex(rng, "dots", c, _shade(c, 1.3)), False),
-            Part(_rect(-0.37, -0.26, 0.37, -0.18), _jit(rng, KEY["gold"], 6, (0.9, 1.1)), None, True)]
-
-
-def _lamp(rng, mode):
-    c, dark = _jit(rng, POOL[rng.choice(["slate", "brick", "olive", "plum"])]), _jit(rng, PLANT["dark"], 8)
-    lit = _jit(rng, KEY["lit"], 6, (0.95, 1.05))
-    if mode == 0:
-        return [Part(_ell(0, 0.44, 0.3, 0.06), dark, None, False),
-                Part(_poly((-0.02, 0.42), (0.02, 0.42), (0.22, -0.02), (0.18, -0.04)), dark, None, False),
-                Part(_poly((0.2, -0.03), (0.24, 0.0), (-0.12, -0.3), (-0.16, -0.27)), dark, None, False),
-                Part(_poly((-0.5, -0.05), (-0.02, -0.5), (0.1, -0.36), (-0.36, 0.06)), c, _tex(rng, "stripes", c), False),
-                Part(_ell(-0.26, 0.04, 0.1, 0.1), lit, None, True)]
-    return [Part(_rect(-0.02, -0.2, 0.02, 0.46), dark, None, False),
-            Part(_ell(0, 0.47, 0.22, 0.04), dark, None, False),
-            Part(_poly((-0.3, -0.5), (0.3, -0.5), (0.46, -0.14), (-0.46, -0.14)), c, _tex(rng, "dots", c, _shade(c, 1.3)), False),
-            Part(_ell(0, -0.1, 0.12, 0.1), lit, None, True)]
-
-
-def _kite(rng, mode):
-    c = _jit(rng, POOL[rng.choice(["brick", "navy", "teal", "sand", "plum"])])
-    dark = _jit(rng, PLANT["dark"], 8)
-    if mode == 0:
-        body = [Part(_poly((0.0, -0.5), (0.26, -0.16), (0.0, 0.2), (-0.26, -0.16)), c, _tex(rng, "checker", c, _shade(c, 1.35)), False),
-                Part(_poly((-0.01, 0.2), (0.01, 0.2), (0.13, 0.5), (0.11, 0.5)), dark, None, False)]
-        bows = [Part(_poly((x - 0.06, y - 0.04), (x + 0.06, y + 0.04), (x + 0.06, y - 0.04), (x - 0.06, y + 0.04)),
-                     _jit(rng, KEY["red" if k % 2 else "yellow"], 8, (0.9, 1.1)), None, True)
-                for k, (x, y) in enumerate(((0.04, 0.3), (0.08, 0.39), (0.12, 0.48)))]
-        return body + bows
-    orange = _jit(rng, KEY["orange"], 8, (0.9, 1.1))
-    return [Part(_poly((-0.5, 0.05), (0.0, -0.45), (0.5, 0.05), (0.0, -0.05)), c, _tex(rng, "stripes", c, _shade(c, 1.3)), False),
-            Part(_poly((-0.02, -0.05), (0.02, -0.05), (0.02, 0.3), (-0.02, 0.3)), dark, None, False),
-            Part(_poly((-0.02, 0.28), (0.02, 0.28), (-0.1, 0.5), (-0.16, 0.48)), orange, None, True),
-            Part(_poly((-0.02, 0.28), (0.02, 0.28), (0.16, 0.48), (0.1, 0.5)), orange, None, True)]
-
-
-BUILDERS = dict(car=_car, flower=_flower, fish=_fish, bird=_bird, house=_house, boat=_boat,
-                tree=_tree, umbrella=_umbrella, cup=_cup, lamp=_lamp, kite=_kite)
-
-# %% ../nbs/02_toyvoc.ipynb #39f5ce82
-def _texture(spec, c1, ys, xs) -> np.ndarray:
-    "(n, 3) colours of a part at pixel coordinates (ys, xs) for texture `spec` (None = plain)."
-    c1 = np.asarray(c1, np.float32)
-    if spec is None: return np.broadcast_to(c1, (len(ys), 3))
-    kind, c2, p, a = spec
-    u, v = xs * np.cos(a) + ys * np.sin(a), -xs * np.sin(a) + ys * np.cos(a)
-    if kind == "stripes": w = np.clip(2.5 * np.sin(2 * np.pi * u / (1.6 * p)) + 0.5, 0, 1)
-    elif kind == "dots": w = ((np.mod(u, 2 * p) - p) ** 2 + (np.mod(v, 2 * p) - p) ** 2 < (0.55 * p) ** 2).astype(np.float32)
-    elif kind == "checker": w = (np.floor(u / p) + np.floor(v / p)) % 2
-    elif kind == "bricks":
-        row = np.floor(ys / p)
-        w = ((np.mod(ys, p) < 1) | (np.mod(xs + (row % 2) * p, 2 * p) < 1)).astype(np.float32)
-    else: raise BadInputError(f"unknown texture kind {kind!r}")
-    return c1 * (1 - w[:, None]) + np.asarray(c2, np.float32) * w[:, None]
-
-# %% ../nbs/02_toyvoc.ipynb #89fa947f
-def _bg_colour(rng):
-    r, g, b = colorsys.hsv_to_rgb(rng.uniform(0, 1), rng.uniform(0.05, 0.45), rng.uniform(0.3, 0.85))
-    return np.array([r, g, b], np.float32) * 255
-
-
-def _bg_region(rng, H, W, yy, xx):
-    "(H, W, 3) float32 texture for one background region."
-    c1, c2 = _bg_colour(rng), _bg_colour(rng)
-    kind = rng.choice(["noise", "stripes", "checker", "dots", "grass", "gradient"])
-    if kind == "noise":
-        g = int(rng.integers(3, 9))
-        w = cv2.resize(rng.random((g, g)).astype(np.float32), (W, H), interpolation=cv2.INTER_CUBIC).clip(0, 1)
-        return c1 * (1 - w[..., None]) + c2 * w[..., None]
-    if kind == "gradient":
-        a = rng.uniform(0, 2 * np.pi)
-        w = ((xx * np.cos(a) + yy * np.sin(a)) / max(H, W) + 1) / 2
-        return c1 * (1 - w[..., None]) + c2 * w[..., None]
-    if kind == "grass":
-        img = np.empty((H, W, 3), np.float32); img[:] = c1
-        n = H * W // 30
-        x0, y0 = rng.uniform(0, W, n), rng.uniform(0, H, n)
-        ang, ln = rng.uniform(-0.4, 0.4, n) - np.pi / 2, rng.uniform(3, 9, n)
-        pts = np.stack([np.stack([x0, y0], 1), np.stack([x0 + ln * np.cos(ang), y0 + ln * np.sin(ang)], 1)], 1)
-        for k in range(4):  # four shades, each drawn as one polyline call
-            sel = pts[k::4]
-            cv2.polylines(img, list(np.round(sel * 16).astype(np.int32)), False, tuple(float(v) for v in _shade(c2, 0.7 + 0.2 * k)), 1, cv2.LINE_AA, 4)
-        return img
-    spec = (kind, c2, float(rng.uniform(3, 10)), float(rng.uniform(0, np.pi)))
-    return _texture(spec, c1, yy.ravel().astype(np.float32), xx.ravel().astype(np.float32)).reshape(H, W, 3)
-
-
-def _background(rng, H, W) -> np.ndarray:
-    "(H, W, 3) float32 two-region textured background."
-    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
-    top = yy < rng.uniform(0.25, 0.75) * H + rng.uniform(-0.35, 0.35) * (xx - W / 2)
-    return np.where(top[..., None], _bg_region(rng, H, W, yy, xx), _bg_region(rng, H, W, yy, xx)).astype(np.float32)
-
-
-def _distractor(rng):
-    "Parts of one background shape (a primitive in pool colours)."
-    c = _jit(rng, POOL[rng.choice(list(POOL))])
-    kind = rng.choice(["slab", "blob", "wedge", "bar"])
-    ar = rng.uniform(0.4, 1.0)
-    pts = dict(slab=_rect(-0.5, -0.5 * ar, 0.5, 0.5 * ar), blob=_ell(0, 0, 0.5, 0.5 * ar),
-               wedge=_poly((-0.5, 0.4 * ar), (0.5, 0.4 * ar), (rng.uniform(-0.4, 0.4), -0.5 * ar)),
-               bar=_rect(-0.5, -0.05, 0.5, 0.05))[kind]
-    tex = None if rng.random() < 0.4 else _tex(rng, rng.choice(["stripes", "dots", "checker"]), c, _shade(c, rng.uniform(0.6, 1.4)))
-    return [Part(pts, c, tex, False)]
-
-# %% ../nbs/02_toyvoc.ipynb #ph0tobg2
-@functools.cache
-def _photos() -> tuple:
-    "The photographs that ship with scikit-image and scikit-learn, as float32 (h, w, 3) arrays in 0..255 (loaded once)."
-    import skimage.data
-    from sklearn.datasets import load_sample_images
-    colour = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket(),
-              skimage.data.hubble_deep_field(), skimage.data.immunohistochemistry(), skimage.data.stereo_motorcycle()[0],
-              *load_sample_images().images]
-    tints = ((0.55, 0.75, 0.4), (0.7, 0.6, 0.5), (0.75, 0.45, 0.35))    # grass green, gravel grey-brown, brick red
-    grey = [np.asarray(g, np.float32)[..., None] * np.asarray(t, np.float32) * 1.3
-            for g, t in zip((skimage.data.grass(), skimage.data.gravel(), skimage.data.brick()), tints)]
-    return tuple(np.ascontiguousarray(np.clip(p, 0, 255), np.float32) for p in [*colour, *grey])
-
-
-def _photo_background(rng, H, W) -> np.ndarray:
-    "(H, W, 3) float32: a random crop of a random shipped photo, resized, mirrored, jittered."
-    photo = _photos()[int(rng.integers(len(_photos())))]
-    ph, pw = photo.shape[:2]
-    side = rng.uniform(0.35, 1.0) * min(ph, pw)
-    ch, cw = (side, side * W / H) if W / H <= pw / ph else (side * H / W, side)
-    ch, cw = min(int(ch), ph), min(int(cw), pw)
-    y0, x0 = int(rng.integers(0, ph - ch + 1)), int(rng.integers(0, pw - cw + 1))
-    img = cv2.resize(photo[y0:y0 + ch, x0:x0 + cw], (W, H), interpolation=cv2.INTER_AREA)
-    if rng.random() < 0.5: img = img[:, ::-1]
-    return np.clip(img * rng.uniform(0.8, 1.15) * rng.uniform(0.9, 1.1, 3), 0, 255).astype(np.float32)
-
-# %% ../nbs/02_toyvoc.ipynb #c4b06f41
-def _raster(parts, s, cx, cy, rot, flip):
-    "Part-index map (0 = outside, k+1 = part k) on the shape's bounding box, and the box's (top, left) corner."
-    a = np.deg2rad(rot)
-    R = np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]])
-    polys = [(p.pts * [(-1.0 if flip else 1.0), 1.0]) @ R.T * s + [cx, cy] for p in parts]
-    allp = np.concatenate(polys)
-    x0, y0 = np.floor(allp.min(0)).astype(int) - 1
-    x1, y1 = np.ceil(allp.max(0)).astype(int) + 2
-    canvas = np.zeros((y1 - y0, x1 - x0), np.uint8)
-    for k, q in enumerate(polys):
-        cv2.fillPoly(canvas, [np.round((q - [x0, y0]) * 16).astype(np.int32)], k + 1, cv2.LINE_8, 4)
-    return canvas, (y0, x0)
-
-
-def _clip(canvas, corner, H, W):
-    "(image slices, canvas slices) of the part of `canvas` inside an (H, W) image, or None."
-    (y0, x0), (h, w) = corner, canvas.shape
-    iy0, ix0, iy1, ix1 = max(y0, 0), max(x0, 0), min(y0 + h, H), min(x0 + w, W)
-    if iy0 >= iy1 or ix0 >= ix1: return None
-    return (slice(iy0, iy1), slice(ix0, ix1)), (slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0))
-
-
-def _paint(rng, img, canvas, corner, parts):
-    "Paint a rasterised shape into `img` (float32 H×W×3); returns (part-index map inside the image, image slices)."
-    H, W = img.shape[:2]
-    isl, csl = _clip(canvas, corner, H, W)
-    sub, view = canvas[csl], img[isl]
-    oy, ox = isl[0].start, isl[1].start
-    gy, gx = rng.uniform(-0.3, 0.3, 2) / max(canvas.shape)
-    cy, cx = corner[0] + canvas.shape[0] / 2, corner[1] + canvas.shape[1] / 2
-    for k, p in enumerate(parts):
-        ys, xs = np.nonzero(sub == k + 1)
-        if len(ys) == 0: continue
-        Y, X = (ys + oy).astype(np.float32), (xs + ox).astype(np.float32)
-        view[ys, xs] = _texture(p.tex, p.c1, Y, X) * (1 + gy * (Y - cy) + gx * (X - cx))[:, None]
-    return sub, isl
-
-
-def _try_place(rng, parts, inst, full, H, W, s, keep, tries=30):
-    "Draw placements until one keeps every instance (and itself) at least `keep` visible; None if none does."
-    for _ in range(tries):
-        canvas, corner = _raster(parts, s, rng.uniform(0.08, 0.92) * W, rng.uniform(0.08, 0.92) * H,
-                                 rng.uniform(-15, 15), bool(rng.random() < 0.5))
-        cl = _clip(canvas, corner, H, W)
-        if cl is None: continue
-        isl, csl = cl
-        m, area = canvas[csl] > 0, int((canvas > 0).sum())
-        if m.sum() < keep * area: continue
-        if full:
-            lost = np.bincount(inst[isl][m], minlength=len(full) + 1)[1:]
-            now = np.bincount(inst.ravel(), minlength=len(full) + 1)[1:]
-            if np.any(now - lost < keep * np.asarray(full)): continue
-        return canvas, corner, area, bool(m.sum() < area)
-    return None
-
-# %% ../nbs/02_toyvoc.ipynb #850fb242
-def _image_size(rng, size):
-    "(H, W): square, landscape 4:3 or portrait 3:4, long side `size`."
-    short = int(round(size * 0.75))
-    return [(size, size), (short, size), (size, short)][int(rng.integers(0, 3))]
-
-
-def _shape_at_random(rng, img, parts, s):
-    "Paint a background shape of size `s` anywhere (it may leave the image), any rotation."
-    H, W = img.shape[:2]
-    canvas, corner = _raster(parts, s, rng.uniform(0, W), rng.uniform(0, H), rng.uniform(-180, 180), bool(rng.random() < 0.5))
-    if _clip(canvas, corner, H, W) is not None: _paint(rng, img, canvas, corner, parts)
-
-
-def toyvoc_image(rng: np.random.Generator, size: int = 160, max_occlusion: float = 0.4, classes_per_image=(1, 3),
-                 max_instances: int = 4, p_second: float = 0.35, scale=(0.65, 1.0), n_distractors=(2, 6),
-                 p_front: float = 0.25, p_decoy: float = 0.0, noise: float = 4.0, border: int = 1,
-                 min_pixels: int = 30, classes=TOYVOC_CLASSES, background: str = "procedural") -> dict:
-    "One ToyVOC image: dict(image uint8 (H,W,3), mask uint8 (H,W), parts uint8 (H,W), objects list of dicts)."
-    builders, C, keep = [BUILDERS[c] for c in classes], len(classes), 1 - max_occlusion
-    for _attempt in range(20):
-        H, W = _image_size(rng, size)
-        img = _background(rng, H, W) if background == "procedural" else _photo_background(rng, H, W)
-        inst, part = np.zeros((H, W), np.uint8), np.zeros((H, W), np.uint8)
-        n_dis = int(rng.integers(n_distractors[0], n_distractors[1] + 1))
-        n_front = int(rng.binomial(n_dis, p_front))
-        for _ in range(n_dis - n_front): _shape_at_random(rng, img, _distractor(rng), rng.uniform(0.15, 0.45) * min(H, W))
-        if rng.random() < p_decoy:
-            decoy = [p for p in builders[int(rng.integers(C))](rng, int(rng.integers(2))) if not p.key]
-            _shape_at_random(rng, img, decoy, rng.uniform(*scale) * min(H, W) * 0.8)
-        picked = rng.choice(C, int(rng.integers(classes_per_image[0], classes_per_image[1] + 1)), replace=False)
-        insts = [int(c) for c in picked for _ in range(1 + int(rng.random() < p_second))][:max_instances]
-        insts = [insts[j] for j in rng.permutation(len(insts))]
-        s_base = min(H, W) * len(insts) ** -0.25
-        full, objects = [], []
-        for c in insts:
-            mode = int(rng.integers(2))
-            parts = builders[c](rng, mode)
-            placed = _try_place(rng, parts, inst, full, H, W, rng.uniform(*scale) * s_base, keep)
-            if placed is None: continue
-            canvas, corner, area, truncated = placed
-            sub, isl = _paint(rng, img, canvas, corner, parts)
-            k = len(full) + 1
-            key_ids = [j + 1 for j, p in enumerate(parts) if p.key]
-            inst[isl][sub > 0] = k
-            part[isl][sub > 0] = 1
-            part[isl][np.isin(sub, key_ids)] = 2
-            full.append(area)
-            objects.append(dict(name=classes[c], label=c + 1, mode=mode, truncated=truncated))
-        for _ in range(n_front):
-            parts = _distractor(rng)
-            placed = _try_place(rng, parts, inst, full, H, W, rng.uniform(0.15, 0.45) * min(H, W), keep)
-            if placed is None: continue
-            sub, isl = _paint(rng, img, *placed[:2], parts)
-            inst[isl][sub > 0] = 0
-            part[isl][sub > 0] = 0
-        if not objects: continue
-        ker = np.ones((2 * border + 1,) * 2, np.uint8)
-        band = cv2.dilate(inst, ker) != cv2.erode(inst, ker)
-        if np.any(np.bincount(inst[~band], minlength=len(objects) + 1)[1:] < min_pixels): continue
-        mask = np.array([0] + [o["label"] for o in objects], np.uint8)[inst]
-        mask[band], part[band] = IGNORE, IGNORE
-        for k, o in enumerate(objects, 1):
-            ys, xs = np.nonzero(inst == k)
-            o["bbox"] = (int(xs.min()) + 1, int(ys.min()) + 1, int(xs.max()) + 1, int(ys.max()) + 1)  # VOC: 1-based, inclusive
-            o["occluded"] = bool(len(ys) < full[k - 1])
-        light = cv2.resize(rng.uniform(0.85, 1.15, (3, 3)).astype(np.float32), (W, H), interpolation=cv2.INTER_LINEAR)
-        img = cv2.GaussianBlur(img * light[..., None], (3, 3), 0.7)
-        img += rng.normal(0, noise, img.shape).astype(np.float32)
-        return dict(image=np.clip(np.rint(img), 0, 255).astype(np.uint8), mask=mask, parts=part, objects=objects)
-    raise BadInputError(f"toyvoc_image: no valid image in 20 attempts with max_occlusion={max_occlusion}, "
-                        f"min_pixels={min_pixels}, scale={scale}; loosen these parameters")
 
 # %% ../nbs/02_toyvoc.ipynb #044b41f8
 TOYVOC_VERSION = 1
@@ -543,7 +108,7 @@ def _manifest(out: Path) -> dict | None:
 
 def _made_with(m: dict) -> dict:
     "The parameters a manifest records; a parameter added to the generator since counts as its default (it draws the same)."
-    return dict(_params(), **m.get("params", {}))
+    return dict(ToyVOCConfig().to_dict(), **m.get("params", {}))
 
 
 def _check_target(out: Path, p: dict, force: bool = False) -> None:
@@ -577,22 +142,17 @@ def _swap_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 # %% ../nbs/02_toyvoc.ipynb #a3284a15
-def generate_toyvoc(out="data/toyvoc", n_train: int = 600, n_val: int = 150, size: int = 160, seed: int = 0,
-                    max_occlusion: float = 0.4, classes_per_image=(1, 3), max_instances: int = 4, p_second: float = 0.35,
-                    scale=(0.65, 1.0), n_distractors=(2, 6), p_front: float = 0.25, p_decoy: float = 0.0,
-                    noise: float = 4.0, border: int = 1, jpeg_quality: int = 90, min_pixels: int = 30,
-                    classes=TOYVOC_CLASSES, background: str = "procedural", progress: bool = True, force: bool = False) -> Path:
-    "Write a ToyVOC dataset (VOC layout, manifest last, renamed into place) to `out`: a new or empty folder, or one it made (see above)."
-    kw = {k: v for k, v in locals().items() if k not in ("out", "progress", "force")}
-    p = _params(**kw)
+def generate_toyvoc(out="data/toyvoc", *, progress: bool = True, force: bool = False, **params) -> Path:
+    "Write a ToyVOC dataset (VOC layout, manifest last, renamed into place) to `out`: a new or empty folder, or one it made (see above); `params`: `ToyVOCConfig` fields."
+    cfg = ToyVOCConfig.from_dict(params)
+    p = cfg.to_dict()
     out = Path(out)
     _check_target(out, p, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0); os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)                     # mkdtemp makes 0700 folders; the dataset gets the usual mode
-    img_kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in p.items()
-              if k not in ("n_train", "n_val", "seed", "jpeg_quality")}
+    img_kw = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("n_train", "n_val", "seed", "jpeg_quality")}
     try:
         for d in _LAYOUT[:4]: (tmp / d).mkdir()
         (tmp / "ImageSets" / "Segmentation").mkdir(parents=True)
@@ -615,29 +175,6 @@ def generate_toyvoc(out="data/toyvoc", n_train: int = 600, n_val: int = 150, siz
     return out
 
 
-def _params(**kw) -> dict:
-    "Every parameter of `generate_toyvoc` (defaults filled in), range-checked and JSON-plain (tuples as lists)."
-    sig = inspect.signature(generate_toyvoc).parameters
-    names = [n for n in sig if n not in ("out", "progress", "force")]
-    unknown = sorted(set(kw) - set(names))
-    if unknown: raise BadInputError(f"unknown ToyVOC parameter(s) {unknown}; known: {names}")
-    p = {n: kw.get(n, sig[n].default) for n in names}
-    p = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in p.items()}
-    (c0, c1), (s0, s1), (d0, d1) = p["classes_per_image"], p["scale"], p["n_distractors"]
-    unknown = [c for c in p["classes"] if c not in BUILDERS]
-    if unknown or not p["classes"] or len(set(p["classes"])) < len(p["classes"]):
-        raise BadInputError(f"ToyVOC classes={p['classes']}; expected distinct names from {tuple(BUILDERS)}")
-    checks = dict(n_train=p["n_train"] >= 1, n_val=p["n_val"] >= 0, size=p["size"] >= 48,
-                  max_occlusion=0 <= p["max_occlusion"] < 1, classes_per_image=1 <= c0 <= c1 <= len(p["classes"]),
-                  max_instances=p["max_instances"] >= 1, p_second=0 <= p["p_second"] <= 1, scale=0 < s0 <= s1,
-                  n_distractors=0 <= d0 <= d1, p_front=0 <= p["p_front"] <= 1, p_decoy=0 <= p["p_decoy"] <= 1,
-                  noise=p["noise"] >= 0, border=p["border"] >= 0, jpeg_quality=1 <= p["jpeg_quality"] <= 100,
-                  min_pixels=p["min_pixels"] >= 1, background=p["background"] in ("procedural", "photos"))
-    bad = [k for k, ok in checks.items() if not ok]
-    if bad: raise BadInputError(f"ToyVOC parameter(s) out of range: {', '.join(f'{k}={p[k]}' for k in bad)}")
-    return p
-
-
 def _complete(out: Path, p: dict) -> bool:
     "Whether `out` holds the files a manifest with parameters `p` promises."
     n = p["n_train"] + p["n_val"]
@@ -656,29 +193,26 @@ def _is_current(out: Path, p: dict) -> bool:
 
 
 def ensure_toyvoc(out="data/toyvoc", progress: bool = True, **kw) -> Path:
-    "Generate ToyVOC at `out` (parameters as `generate_toyvoc`) unless a complete one with the same parameters is there; never replaces anything else."
+    "Generate ToyVOC at `out` (`ToyVOCConfig` fields as keywords, as `generate_toyvoc`) unless a complete one with the same parameters is there; never replaces anything else."
     out = Path(out)
-    if _is_current(out, _params(**kw)): return out
+    if _is_current(out, ToyVOCConfig.from_dict(kw).to_dict()): return out
     return generate_toyvoc(out, progress=progress, **kw)
 
 # %% ../nbs/02_toyvoc.ipynb #f42323f7
 @cli_main
 def toyvoc_cli(argv=None) -> None:
     "Console script `pot-toyvoc`: generate ToyVOC (only when missing or incomplete unless --force)."
-    ap = argparse.ArgumentParser(prog="pot-toyvoc", description="Generate the ToyVOC benchmark in the VOC layout.")
-    ap.add_argument("--out", default="data/toyvoc", help="output folder (default data/toyvoc)")
+    ap = Parser(prog="pot-toyvoc", description="Generate the ToyVOC benchmark in the VOC layout.")
+    ap.add_argument("--out", default="data/toyvoc", help="output folder (default: data/toyvoc)")
     ap.add_argument("--force", action="store_true", help="replace a ToyVOC this generator made, even with other parameters")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    for k, v in _params().items():
-        flag = "--" + k.replace("_", "-")
-        if k == "classes": ap.add_argument(flag, nargs="+", default=v, choices=tuple(BUILDERS), metavar="NAME")
-        elif isinstance(v, list): ap.add_argument(flag, type=type(v[0]), nargs=2, default=v, metavar=("LO", "HI"))
-        else: ap.add_argument(flag, type=type(v), default=v)
+    add_config_flags(ap, ToyVOCConfig)
     a = vars(ap.parse_args(argv))
     out, force, quiet = a.pop("out"), a.pop("force"), a.pop("quiet")
-    if not force and _is_current(Path(out), _params(**a)):
+    cfg = ToyVOCConfig.from_dict(a)
+    if not force and _is_current(Path(out), cfg.to_dict()):
         print(f"ToyVOC at {out} is complete and up to date (use --force to regenerate)"); return
     t, c = time.perf_counter(), time.process_time()
     path = generate_toyvoc(out, progress=not quiet, force=force, **a)
-    print(f"ToyVOC at {path}: {a['n_train']} train + {a['n_val']} val images "
+    print(f"ToyVOC at {path}: {cfg.n_train} train + {cfg.n_val} val images "
           f"({time.perf_counter() - t:.1f} s wall, {time.process_time() - c:.1f} s CPU)")

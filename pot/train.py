@@ -5,36 +5,27 @@
 # %% ../nbs/10_train.ipynb #29946de8
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
 import os
-import random
-import shutil
-import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from .core import (BadInputError, POTConfig, seed_everything, resolve_device, keep_freed_memory, save_json, load_json,
-                      append_jsonl, read_jsonl, atomic_write, save_checkpoint, load_checkpoint, env_info, check_finite, cli_main)
+from .core import BadInputError, POTConfig, cli_main
+from .cli import Parser, add_config_flags, add_run_flags, config_from_flags
+from .runs import Run, epoch_batches, fit, calibration_images
 from .model import POTNet, param_groups, calibrate_bn, resize
 from .cluster import normalize_with_background
 from .activation import POTHead, pot_cams
 from .loss import consistency_loss, classification_loss
-from .data import load_dataset, TrainDataset
+from .data import load_dataset
+from .datasets import TrainDataset
 
 # %% auto #0
-__all__ = ['RUNTIME_FIELDS', 'BN_CALIB_BATCHES', 'valid_on_grid', 'seeds_on_grid', 'consistency_weight', 'global_weight_share',
-           'pot_step_losses', 'epoch_batches', 'poly_lr', 'init_distributed', 'rng_state', 'set_rng_state',
-           'check_same_config', 'clip_seed_loader', 'con_weight', 'make_optimizer', 'fit', 'train', 'finished_run',
-           'load_trained', 'parse_bool', 'flag_type', 'add_config_flags', 'config_from_flags', 'config_parser',
-           'config_from_args', 'train_cli']
+__all__ = ['valid_on_grid', 'seeds_on_grid', 'consistency_weight', 'global_weight_share', 'pot_step_losses', 'clip_seed_loader',
+           'con_weight', 'make_optimizer', 'train', 'load_trained', 'config_parser', 'config_from_args', 'train_cli']
 
 # %% ../nbs/10_train.ipynb #4315837a
 def valid_on_grid(valid: torch.Tensor, grid) -> torch.Tensor:
@@ -87,89 +78,6 @@ def pot_step_losses(out: dict, labels: torch.Tensor, valid: torch.Tensor, cfg: P
     return dict(loss=loss_cls + lam * loss_con, loss_cls=loss_cls, loss_con=loss_con,
                 n_empty=pot.n_empty)   # a tensor: no host sync before backward
 
-# %% ../nbs/10_train.ipynb #39433aa0
-def epoch_batches(n: int, batch_size: int, epoch: int, seed: int = 0, rank: int = 0, world: int = 1) -> list[list[int]]:
-    "This rank's slice of every global batch of `epoch`: a permutation seeded by (seed, epoch), incomplete batch dropped."
-    if batch_size % world: raise BadInputError(f"batch_size={batch_size} is not divisible by world size {world}")
-    if n < batch_size: raise BadInputError(f"the dataset has {n} images, fewer than batch_size={batch_size}")
-    g = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(epoch))
-    perm = torch.randperm(n, generator=g).tolist()
-    b = batch_size // world
-    return [perm[i + rank * b: i + (rank + 1) * b] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-def poly_lr(base: float, step: int, total: int, power: float = 0.9) -> float:
-    "Poly decay: `base`·(1 − step/total)^power."
-    return base * (1 - min(step, total) / total) ** power
-
-# %% ../nbs/10_train.ipynb #e5636b31
-def init_distributed(device: torch.device) -> tuple[int, int, torch.device, bool]:
-    "(rank, world_size, device, created): join the torchrun process group when WORLD_SIZE>1 (gloo on CPU, nccl on CUDA)."
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1: return 0, 1, device, False
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    created = not dist.is_initialized()
-    if created: dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device, created
-
-
-def _barrier(world: int) -> None:
-    if world > 1: dist.barrier()
-
-
-def _mean_over_ranks(values: list[float], world: int, device) -> list[float]:
-    "Average a few scalars over all ranks (for logging)."
-    if world == 1: return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return (t / world).tolist()
-
-# %% ../nbs/10_train.ipynb #69be8bd7
-def rng_state() -> dict:
-    "Python, NumPy, torch (and CUDA) RNG states as weights_only-loadable containers."
-    np_state = np.random.get_state()
-    state = dict(python=list(random.getstate()[1]), python_version=random.getstate()[0],
-                 python_gauss=random.getstate()[2],
-                 numpy=dict(keys=torch.from_numpy(np_state[1].astype(np.int64)), pos=int(np_state[2]),
-                            has_gauss=int(np_state[3]), cached_gaussian=float(np_state[4])),
-                 torch=torch.get_rng_state())
-    if torch.cuda.is_available(): state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    "Inverse of `rng_state`."
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available(): torch.cuda.set_rng_state_all(state["cuda"])
-
-# %% ../nbs/10_train.ipynb #17aa8044
-RUNTIME_FIELDS = ("device", "num_workers", "eval_split", "cam_scales", "pot_scales", "beta_fuse", "log_every", "ckpt_every",
-                  "out_dir", "compile_head")   # a run folder may be moved; the compiled head computes what the eager one does
-
-
-def check_same_config(stored: dict, cfg: POTConfig, run_dir) -> None:
-    "Raise `BadInputError` naming the training parameters in which `cfg` differs from the run's stored config."
-    new = cfg.to_dict()
-    diff = sorted(k for k in set(stored) | set(new) if k not in RUNTIME_FIELDS and stored.get(k) != new.get(k))
-    if diff:
-        details = ", ".join(f"{k}: {stored.get(k)!r} → {new.get(k)!r}" for k in diff)
-        raise BadInputError(f"{run_dir}/config.json was trained with other parameters ({details}); "
-                            f"use resume=False (--no-resume) to start over or choose another out_dir")
-
-
-def _load_own_checkpoint(path: Path, cfg, run_dir, map_location="cpu") -> dict:
-    "A checkpoint of this run, or an error saying how to start over when it is torn or belongs to other parameters."
-    try: state = load_checkpoint(path, map_location=map_location)
-    except BadInputError as e:
-        raise BadInputError(f"{e}; the run was interrupted while writing it: start over with resume=False (--no-resume)") from None
-    check_same_config(state.get("config", {}), cfg, run_dir)
-    return state
-
 # %% ../nbs/10_train.ipynb #c7f72a0e
 def clip_seed_loader(seed_dir, ds):
     "The `seed_cams(name, (H, W))` callable for `TrainDataset` reading the CLIP-ES cache `seed_dir`; validated up front."
@@ -185,9 +93,6 @@ def clip_seed_loader(seed_dir, ds):
     return seed_cams
 
 # %% ../nbs/10_train.ipynb #6a87be4e
-BN_CALIB_BATCHES = 4
-
-
 def _build_data(cfg: POTConfig):
     "The training `VOCLayout` and `TrainDataset` of `cfg`; training never generates data (`pot.toyvoc` does)."
     if not Path(cfg.data_root).is_dir():
@@ -204,16 +109,6 @@ def _build_data(cfg: POTConfig):
     return ds, TrainDataset(ds, cfg.crop, seed=cfg.seed, seed_cams=seed_cams)
 
 
-def _loader(tds, batches, cfg, device):
-    return DataLoader(tds, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=device.type == "cuda")
-
-
-def _amp(cfg: POTConfig, device: torch.device):
-    "(autocast enabled, dtype, GradScaler) for `device`: bf16 where supported, else fp16 with loss scaling; off on CPU."
-    on = bool(cfg.amp) and device.type == "cuda"
-    dtype = torch.bfloat16 if on and torch.cuda.is_bf16_supported() else torch.float16
-    return on, dtype, torch.amp.GradScaler("cuda", enabled=on and dtype == torch.float16)
-
 # %% ../nbs/10_train.ipynb #53d44693
 def con_weight(cfg: POTConfig, epoch: float) -> float:
     "The weight λ of L_con at training progress `epoch` (fractional epochs): 0 for `con_warmup` epochs, then a linear ramp to `lambda_con` over `con_ramp`."
@@ -228,114 +123,12 @@ def make_optimizer(model, cfg: POTConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd": return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-# %% ../nbs/10_train.ipynb #728bfb49
-def _value(v) -> float:
-    return float(v.detach()) if torch.is_tensor(v) else float(v)
-
-
-def fit(out, cfg, build: Callable, step_losses: Callable, *, desc: str = "train", meta: dict | None = None,
-        resume: bool = True, find_unused: bool = False) -> Path:
-    """The training loop of every trained stage (POT, IRN, DeepLab): seeded, resumable, DDP under torchrun.
-
-    `cfg`: a config dataclass with `to_dict()` and the fields device, batch_size, epochs, seed, lr, amp,
-    ckpt_every, log_every, num_workers (and optionally grad_clip, None = no clipping).
-    `build(start, device) -> (model, optimizer, dataset)` runs after seeding; `start` is None for a new
-    run (do one-time initialisation then) or the checkpoint being resumed, which `fit` restores
-    afterwards. Every optimizer group carries `lr_mult` (lr = poly(cfg.lr) · lr_mult); the dataset has
-    `set_epoch(epoch)`. `step_losses(net, batch, step, rank) -> dict` runs under autocast with the
-    batch on the device; its `loss` is minimised, every entry is logged (averaged over ranks).
-    Writes `out/config.json` (`cfg`, `meta`, environment), `out/metrics.jsonl`, `out/ckpt/{last,final}.pt`."""
-    device = resolve_device(cfg.device)
-    keep_freed_memory()
-    rank, world, device, created_group = init_distributed(device)
-    out = Path(out); ckpt_dir = out / "ckpt"
-    final, last = ckpt_dir / "final.pt", ckpt_dir / "last.pt"
-    try:
-        if resume and (out / "config.json").exists():
-            check_same_config(load_json(out / "config.json")["config"], cfg, out)
-        if resume and final.exists():
-            _load_own_checkpoint(final, cfg, out)
-            prev = load_json(out / "config.json") if (out / "config.json").exists() else {}
-            if rank == 0: save_json(out / "config.json", {**prev, "config": cfg.to_dict()})
-            _barrier(world)
-            return out
-        if rank == 0 and not resume:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        _barrier(world)
-        start = _load_own_checkpoint(last, cfg, out, device) if resume and last.exists() else None
-        seed_everything(cfg.seed)
-        model, optimizer, tds = build(start, device)
-        steps_per_epoch = len(epoch_batches(len(tds), cfg.batch_size, 0, cfg.seed))
-        total = cfg.epochs * steps_per_epoch
-        amp_on, amp_dtype, scaler = _amp(cfg, device)
-        step = 0
-        if start is not None:
-            model.load_state_dict(start["model"]); optimizer.load_state_dict(start["optimizer"])
-            scaler.load_state_dict(start["scaler"]); set_rng_state(start["rng"]); step = int(start["step"])
-        net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False, find_unused_parameters=find_unused)
-        if rank == 0:
-            save_json(out / "config.json", dict(config=cfg.to_dict(), **(meta or {}),
-                                                env=dict(env_info(), world_size=world, device=str(device)),
-                                                steps_per_epoch=steps_per_epoch, total_steps=total))
-            log = out / "metrics.jsonl"
-            if log.exists():   # drop what a killed run logged after its last checkpoint
-                kept = [r for r in read_jsonl(log) if r["step"] <= step]
-                with atomic_write(log, "w") as f: f.writelines(json.dumps(r) + "\n" for r in kept)
-
-        def state():
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            return dict(model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
-                        step=step, epoch=epoch, step_in_epoch=in_epoch, rng=rng_state(), config=cfg.to_dict(),
-                        world_size=world)
-
-        clip = getattr(cfg, "grad_clip", None) or float("inf")
-        bar = tqdm(total=total, initial=step, desc=desc, disable=rank != 0, dynamic_ncols=True)
-        net.train()
-        t_log, c_log, acc = time.time(), time.process_time(), []
-        while step < total:
-            epoch, in_epoch = divmod(step, steps_per_epoch)
-            tds.set_epoch(epoch)
-            batches = epoch_batches(len(tds), cfg.batch_size, epoch, cfg.seed, rank, world)[in_epoch:]
-            for batch in _loader(tds, batches, cfg, device):
-                lr_now = poly_lr(cfg.lr, step, total)
-                for group in optimizer.param_groups: group["lr"] = lr_now * group["lr_mult"]
-                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_on):
-                    losses = step_losses(net, batch, step, rank)
-                check_finite(f"{desc}: loss", losses["loss"].detach())
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses["loss"]).backward()
-                scaler.unscale_(optimizer)
-                gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                scaler.step(optimizer); scaler.update()
-                step += 1
-                keys = list(losses)
-                acc.append(_mean_over_ranks([_value(losses[k]) for k in keys], world, device))
-                bar.update(1); bar.set_postfix(loss=f"{acc[-1][keys.index('loss')]:.4f}", lr=f"{lr_now:.2e}")
-                if rank == 0 and (step % cfg.log_every == 0 or step == total):
-                    m = np.mean(acc, 0)
-                    append_jsonl(out / "metrics.jsonl", dict(
-                        step=step, epoch=epoch, **{k: float(v) for k, v in zip(keys, m)}, lr=lr_now, grad_norm=float(gnorm),
-                        sec_per_step=(time.time() - t_log) / len(acc), cpu_sec_per_step=(time.process_time() - c_log) / len(acc)))
-                    t_log, c_log, acc = time.time(), time.process_time(), []
-                if step < total and step % cfg.ckpt_every == 0:
-                    if rank == 0: save_checkpoint(last, state())
-                    _barrier(world)
-        bar.close()
-        if rank == 0:
-            save_checkpoint(final, state())
-            last.unlink(missing_ok=True)
-        _barrier(world)
-        return out
-    finally:
-        if created_group: dist.destroy_process_group()
-
 # %% ../nbs/10_train.ipynb #7210291f
 def train(cfg: POTConfig, resume: bool = True) -> Path:
     "Train POT as `cfg` says into the run folder `cfg.out_dir` (resuming from its last checkpoint); return the folder."
+    if cfg.pretrained is None and cfg.dataset != "toyvoc":
+        warnings.warn(f"POT on {cfg.dataset} from random weights: with the paper's lr the classifier diverges (its CAMs go to 0); "
+                      f"pass pretrained=<torchvision {cfg.backbone} ImageNet state dict> or 'torchvision' for the paper's setting")
     steps_per_epoch, head = None, pot_cams
 
     def build(start, device):
@@ -347,9 +140,7 @@ def train(cfg: POTConfig, resume: bool = True) -> Path:
                        detach_side=cfg.detach_side, freeze_stem_bn=cfg.freeze_stem_bn)
         model.to(device, memory_format=torch.channels_last)   # NHWC: see 'Cost' in 10_train
         if start is None and cfg.pretrained is None and cfg.freeze_stem_bn:
-            tds.set_epoch(0)
-            calib = epoch_batches(len(tds), cfg.batch_size, 0, cfg.seed)[:BN_CALIB_BATCHES]
-            calibrate_bn(model, (b["img"].to(device) for b in _loader(tds, calib, cfg, device)))
+            calibrate_bn(model, calibration_images(tds, cfg, device))
         if not cfg.freeze_stem_bn and device.type == "cuda" and dist.is_initialized() and dist.get_world_size() > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)   # same parameters and buffers
         return model, make_optimizer(model, cfg), tds
@@ -367,69 +158,20 @@ def train(cfg: POTConfig, resume: bool = True) -> Path:
                find_unused=cfg.lambda_con == 0 or cfg.con_warmup > 0 or cfg.detach_pot)
 
 # %% ../nbs/10_train.ipynb #a46dfd76
-def finished_run(out, config_cls, hint: str, map_location="cpu") -> tuple:
-    "(config, model state dict) of a run that `fit` finished in `out`; `hint` says how to finish it when it has not."
-    out = Path(out)
-    final = out / "ckpt" / "final.pt"
-    if not final.is_file(): raise BadInputError(f"{final}: not found; {hint}")
-    cfg = config_cls.from_dict(load_json(out / "config.json")["config"])
-    return cfg, load_checkpoint(final, map_location=map_location)["model"]
-
-
 def load_trained(run_dir, map_location="cpu") -> tuple[POTNet, POTConfig]:
     "(model in eval mode, its POTConfig) of the finished run `run_dir`."
-    cfg, state = finished_run(run_dir, POTConfig, "the run has not finished training (train(cfg) or pot-train resumes it)",
-                              map_location)
+    cfg, state = Run(run_dir).finished(POTConfig, "the run has not finished training (train(cfg) or pot-train resumes it)",
+                                       map_location)
     model = POTNet(cfg.backbone, state["classifier.weight"].shape[0], cfg.feature_stride, None, detach_side=cfg.detach_side,
                    freeze_stem_bn=cfg.freeze_stem_bn)
     model.load_state_dict(state)
     return model.eval(), cfg
 
 # %% ../nbs/10_train.ipynb #db0323c2
-def parse_bool(s: str) -> bool:
-    "argparse type of a boolean flag: true/false, yes/no, on/off, 1/0."
-    if s.lower() in ("1", "true", "yes", "on"): return True
-    if s.lower() in ("0", "false", "no", "off"): return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def flag_type(f: dataclasses.Field):
-    "argparse type of a config dataclass field from its annotation ('none' → None where the field allows it)."
-    ann = str(f.type).replace(" ", "")
-    base = {"str": str, "int": int, "float": float, "bool": parse_bool}.get(ann.split("|")[0], str)
-    if "None" in ann.split("|"):
-        return lambda s: None if s.lower() == "none" else base(s)
-    return base
-
-
-def add_config_flags(p: argparse.ArgumentParser, config_cls, multi: dict | None = None) -> argparse.ArgumentParser:
-    "Add --preset, --config, --no-resume and one flag per `config_cls` field to `p`; fields in `multi` take that many floats (nargs)."
-    multi = multi or {}
-    p.add_argument("--preset", default=None, help=f"start from {config_cls.__name__}.preset(NAME): toyvoc | voc | coco")
-    p.add_argument("--config", default=None, help="start from a run's config.json")
-    p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
-    for f in dataclasses.fields(config_cls):
-        if f.name in multi:
-            p.add_argument(f"--{f.name}", type=float, nargs=multi[f.name], default=argparse.SUPPRESS, help=f"default {f.default}")
-        else:
-            p.add_argument(f"--{f.name}", type=flag_type(f), default=argparse.SUPPRESS, help=f"default {f.default!r}")
-    return p
-
-
-def config_from_flags(args: dict, config_cls) -> tuple:
-    "(config, resume) from the parsed flags of `add_config_flags`; --preset/--config/--no-resume are popped from `args`, the rest override fields."
-    preset, config, no_resume = args.pop("preset"), args.pop("config"), args.pop("no_resume")
-    if preset and config: raise BadInputError("give --preset or --config, not both")
-    if config:
-        d = load_json(config); d = d.get("config", d)
-        return config_cls.from_dict({**d, **args}), not no_resume
-    return config_cls.preset(preset or "toyvoc", **args), not no_resume
-
-
-def config_parser() -> argparse.ArgumentParser:
+def config_parser() -> Parser:
     "The `pot-train` argument parser: one flag per POTConfig field plus --preset, --config, --no-resume."
-    p = argparse.ArgumentParser(prog="pot-train", description="Train POT (stage 1); writes a run folder out_dir.")
-    return add_config_flags(p, POTConfig, dict(cam_scales="+", pot_scales="+"))
+    p = Parser(prog="pot-train", description="Train POT (stage 1); writes a run folder out_dir.")
+    return add_run_flags(add_config_flags(p, POTConfig), POTConfig)
 
 
 def config_from_args(argv=None) -> tuple[POTConfig, bool]:

@@ -9,14 +9,11 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as Fn
 
-from .core import BadInputError
-from .cluster import at_least_float32, float32_no_autocast
+from .core import BadInputError, at_least_float32, float32_no_autocast
 
 # %% auto #0
-__all__ = ['class_mass', 'cluster_marginal', 'SinkhornResult', 'sinkhorn_method', 'sinkhorn', 'allocate',
-           'synthetic_feature_maps']
+__all__ = ['class_mass', 'cluster_marginal', 'SinkhornResult', 'sinkhorn_method', 'sinkhorn', 'allocate']
 
 # %% ../nbs/06_transport.ipynb #5c7edf0b
 def class_mass(S: torch.Tensor, present: torch.Tensor, active: torch.Tensor, K: int,
@@ -150,29 +147,3 @@ def allocate(sims: torch.Tensor, b: torch.Tensor, eps: float = 0.1, rho: float |
                      eps, rho, n_iter, tol, method, sync)
         return (r.T.view(N, G, M, K) * inv_a[:, None]).transpose(1, 2).reshape(N, M, G * K), r
     raise BadInputError(f"allocation={allocation!r}; expected 'joint' or 'per_class'")
-
-# %% ../nbs/06_transport.ipynb #7d616800
-def synthetic_feature_maps(N: int = 8, C: int = 3, size: int = 32, D: int = 32, parts: int = 3, noise: float = 1.0,
-                           seed_cover: float = 0.6, n_present: tuple = (1, 3), seed: int = 0) -> dict:
-    "Toy batch with known answer: dict(F (N,D,h,w) unit features, seeds (N,C,h,w) incomplete, labels (N,C), gt (N,h,w))."
-    g = torch.Generator().manual_seed(seed)
-    def ri(lo, hi): return int(torch.randint(lo, hi + 1, (1,), generator=g))
-    dirs = Fn.normalize(torch.randn(C + 1, parts, D, generator=g), dim=-1)
-    yy, xx = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
-    gt = torch.zeros(N, size, size, dtype=torch.long); labels = torch.zeros(N, C); seeds = torch.zeros(N, C, size, size)
-    part = (xx * parts / size).long().clamp_max(parts - 1).repeat(N, 1, 1)      # background parts: vertical bands
-    for n in range(N):                                                          # data generation, not a hot path
-        for c in (torch.randperm(C, generator=g)[:ri(*n_present)] + 1).tolist():
-            hh, ww = ri(size // 4, size // 2), ri(size // 4, size // 2)
-            y0, x0 = ri(0, size - hh), ri(0, size - ww)
-            gt[n, y0:y0 + hh, x0:x0 + ww] = c; labels[n, c - 1] = 1
-        for c in labels[n].nonzero()[:, 0].tolist():
-            m = gt[n] == c + 1
-            if not m.any(): labels[n, c] = 0; continue                          # fully covered by a later object
-            ys, xs = m.nonzero(as_tuple=True)
-            cy, cx = ys.float().mean(), xs.float().mean()
-            r = ((yy - cy) ** 2 + (xx - cx) ** 2).sqrt()
-            part[n][m] = ((torch.atan2(yy - cy, xx - cx)[m] / (2 * math.pi) + 1) * parts).long() % parts
-            seeds[n, c] = torch.where(m, (1 - r / (r[m].max().clamp_min(1) * seed_cover)).clamp(0, 1).sqrt(), 0.0)
-    F = Fn.normalize(dirs[gt, part] + noise * torch.randn(N, size, size, D, generator=g) / math.sqrt(D), dim=-1)
-    return dict(F=F.permute(0, 3, 1, 2).contiguous(), seeds=seeds, labels=labels, gt=gt)

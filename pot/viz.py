@@ -11,70 +11,19 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 from .core import BadInputError, atomic_write
+from .data import check_label_map, voc_palette
 from .metrics import to_numpy
 
 # %% auto #0
-__all__ = ['voc_palette', 'colorize', 'save_palette_png', 'read_label_png', 'overlay_mask', 'resize_map', 'cam_to_rgb',
-           'overlay_cam', 'save_figure', 'image_grid', 'plot_threshold_curve']
-
-# %% ../nbs/04_viz.ipynb #012735e1
-def voc_palette(n: int = 256) -> np.ndarray:
-    "uint8 (n, 3) VOC colour map: the bits of each label interleaved over R, G, B from the most significant bit."
-    labels = np.arange(n)
-    pal = np.zeros((n, 3), np.int64)
-    for k in range(8):
-        for ch in range(3):
-            pal[:, ch] |= ((labels >> (3 * k + ch)) & 1) << (7 - k)
-    return pal.astype(np.uint8)
+__all__ = ['colorize', 'overlay_mask', 'resize_map', 'cam_to_rgb', 'overlay_cam', 'save_figure', 'image_grid',
+           'plot_threshold_curve', 'plot_confusion', 'plot_class_iou']
 
 # %% ../nbs/04_viz.ipynb #62d63ca2
-def _check_mask(name: str, mask) -> np.ndarray:
-    "An integer (H, W) label map with values in 0..255, as uint8."
-    mask = to_numpy(name, mask)
-    if mask.ndim != 2: raise BadInputError(f"{name} has shape {mask.shape}; expected an (H, W) label map")
-    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
-        raise BadInputError(f"{name} has dtype {mask.dtype}; expected integer labels")
-    if mask.size and (mask.min() < 0 or mask.max() > 255):
-        raise BadInputError(f"{name} has labels in [{mask.min()}, {mask.max()}]; expected 0..255 (255 = ignore)")
-    return mask.astype(np.uint8)
-
-
 def colorize(mask) -> np.ndarray:
     "uint8 (H, W, 3) RGB picture of an (H, W) label map in the VOC palette (255 = ignore, cream)."
-    return voc_palette()[_check_mask("mask", mask)]
-
-# %% ../nbs/04_viz.ipynb #8d08bfa1
-def save_palette_png(path: str | os.PathLike, mask) -> Path:
-    "Write an (H, W) label map as an 8-bit VOC-palette PNG, atomically; returns the path."
-    mask = _check_mask(f"save_palette_png({path}) mask", mask)
-    with atomic_write(path) as f: _p_image(mask).save(f, format="PNG")
-    return Path(path)
-
-
-def _p_image(mask: np.ndarray) -> Image.Image:
-    "A PIL 'P' image with the labels as indices and the VOC palette."
-    img = Image.frombytes("P", (mask.shape[1], mask.shape[0]), np.ascontiguousarray(mask).tobytes())
-    img.putpalette(voc_palette().ravel().tolist())
-    return img
-
-
-def read_label_png(path: str | os.PathLike) -> np.ndarray:
-    "uint8 (H, W) labels of a palette ('P') or grey ('L') PNG; a missing, corrupt or colour file is a `BadInputError`."
-    path = Path(path)
-    if not path.is_file(): raise BadInputError(f"{path}: label file not found")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            mode = img.mode
-            arr = np.array(img) if mode in ("P", "L") else None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise BadInputError(f"{path}: not a readable label PNG ({type(e).__name__}: {e})") from None
-    if arr is None:
-        raise BadInputError(f"{path}: image mode {mode!r}; expected a palette ('P') or grey ('L') label map whose values are class labels")
-    return arr.astype(np.uint8)
+    return voc_palette()[check_label_map("mask", mask)]
 
 # %% ../nbs/04_viz.ipynb #b78db5a8
 def _check_image(img) -> np.ndarray:
@@ -94,7 +43,7 @@ def _blend(img: np.ndarray, color: np.ndarray, weight: np.ndarray) -> np.ndarray
 
 def overlay_mask(img, mask, alpha: float = 0.5) -> np.ndarray:
     "uint8 (H, W, 3): the image with the VOC colours of `mask` blended in at `alpha` (background left unchanged)."
-    img, mask = _check_image(img), _check_mask("mask", mask)
+    img, mask = _check_image(img), check_label_map("mask", mask)
     if mask.shape != img.shape[:2]: raise BadInputError(f"mask has shape {mask.shape}; expected the image size {img.shape[:2]}")
     if not 0 <= alpha <= 1: raise BadInputError(f"alpha={alpha}; expected a value in [0, 1]")
     return _blend(img, colorize(mask), np.where(mask > 0, np.float32(alpha), np.float32(0)))
@@ -200,3 +149,37 @@ def plot_threshold_curve(result: dict, path: str | os.PathLike | None = None, ax
         if fig is None: fig = ax.get_figure()
         save_figure(fig, path)
     return fig if fig is not None else ax.get_figure()
+
+# %% ../nbs/04_viz.ipynb #0dbae252
+def plot_confusion(conf, class_names, path=None, title: str = "confusion matrix"):
+    "Seaborn heatmap of a confusion matrix (rows = ground truth) normalised per row (% of each class's pixels); PNG saved atomically if `path`."
+    import seaborn as sns
+    conf = np.asarray(conf, np.float64)
+    if conf.ndim != 2 or conf.shape[0] != conf.shape[1] or conf.shape[0] != len(class_names):
+        raise BadInputError(f"plot_confusion: conf {conf.shape} and {len(class_names)} class names; expected (n, n) and n names")
+    rows = 100 * conf / np.maximum(conf.sum(1, keepdims=True), 1)
+    n = len(class_names)
+    fig = _figure((max(4, 0.45 * n + 2), max(3.5, 0.4 * n + 1.5)))
+    ax = fig.subplots()
+    sns.heatmap(rows, ax=ax, annot=n <= 25, fmt=".0f", cmap="Blues", vmin=0, vmax=100, square=True,
+                xticklabels=class_names, yticklabels=class_names, cbar_kws=dict(label="% of the class's pixels"),
+                annot_kws=dict(fontsize=7))
+    ax.set(xlabel="prediction", ylabel="ground truth", title=title)
+    ax.title.set_fontsize(9)
+    if path is not None: save_figure(fig, path)
+    return fig
+
+
+def plot_class_iou(results: dict, path=None, title: str = "per-class IoU"):
+    "Seaborn bar chart of per-class IoU of several `SegEvaluator` results {name: result}; PNG saved atomically if `path`."
+    import pandas as pd
+    import seaborn as sns
+    df = pd.DataFrame([dict(cls=c, IoU=v, prediction=k) for k, r in results.items() for c, v in r["iou"].items()])
+    fig = _figure((max(5, 0.5 * df["cls"].nunique() + 2), 3.2))
+    ax = fig.subplots()
+    sns.barplot(df, x="cls", y="IoU", hue="prediction", ax=ax)
+    ax.set(xlabel="", ylabel="IoU (%)", ylim=(0, 100), title=title)
+    ax.title.set_fontsize(9)
+    ax.tick_params(axis="x", rotation=60, labelsize=8)
+    if path is not None: save_figure(fig, path)
+    return fig

@@ -1,4 +1,4 @@
-"""CLIP-ES seed CAMs (pot.clip_es): weights, prompts, the batched algorithm, the cache and its resume.
+"""CLIP-ES seed CAMs (pot.clip, pot.clip_es): weights, prompts, the batched algorithm, the cache and its resume.
 
 Everything runs on CPU with a randomly initialised ViT-B/16 (no weights are downloaded) on a few small
 ToyVOC images. The random model's query/key projections are scaled by 4 (attention logits x16) so its
@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from pot.core import BadInputError, load_json, save_checkpoint
-from pot.data import VOC_CLASSES, TrainDataset, load_dataset
+from pot.data import VOC_CLASSES, load_dataset
+from pot.datasets import TrainDataset
 from pot.toyvoc import TOYVOC_CLASSES, generate_toyvoc
+import pot.clip as clip
 import pot.clip_es as ce
 from helpers import cli_error
 
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def model():
-    m = ce.load_clip(None, "cpu", seed=0)
+    m = clip.load_clip(None, "cpu", seed=0)
     for b in m.visual.transformer.resblocks: b.attn.in_proj_weight[:2 * 768] *= 4
     return m
 
@@ -45,7 +47,7 @@ def _images(n=3, seed=0):
 # ---------------------------------------------------------------- weights
 def test_quickgelu_config_is_chosen(model):
     from open_clip.transformer import QuickGELU
-    assert ce.clip_model_name() == "ViT-B-16-quickgelu" and ce.clip_model_name(quick_gelu=False) == "ViT-B-16"
+    assert clip.clip_model_name() == "ViT-B-16-quickgelu" and clip.clip_model_name(quick_gelu=False) == "ViT-B-16"
     assert model.pot_clip["name"] == "ViT-B-16-quickgelu"
     for tower in (model.visual.transformer, model.transformer):
         assert all(isinstance(b.mlp.gelu, QuickGELU) for b in tower.resblocks)
@@ -53,12 +55,12 @@ def test_quickgelu_config_is_chosen(model):
 
 def test_openai_offline_error_names_the_file_to_pass(monkeypatch):
     def offline(): raise OSError("no network")
-    monkeypatch.setattr(ce, "_openai_weights_file", offline)
-    with pytest.raises(BadInputError) as e: ce.load_clip("openai")
+    monkeypatch.setattr(clip, "_openai_weights_file", offline)
+    with pytest.raises(BadInputError) as e: clip.load_clip("openai")
     msg = str(e.value)
-    assert "pretrained=" in msg and "--convert-openai" in msg and "ViT-B-16.pt" in msg and "open_clip_pytorch_model.bin" in msg
+    assert "pretrained=" in msg and "--convert_openai" in msg and "ViT-B-16.pt" in msg and "open_clip_pytorch_model.bin" in msg
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert ce._hub_reachable() is False                      # no network call when offline is declared
+    assert clip._hub_reachable() is False                      # no network call when offline is declared
 
 
 def test_load_state_dict_in_openai_format(model, tmp_path):
@@ -67,7 +69,7 @@ def test_load_state_dict_in_openai_format(model, tmp_path):
     sd[w] = sd[w] + 1                                                   # so that loading is visible
     sd.update(input_resolution=torch.tensor(224), context_length=torch.tensor(77), vocab_size=torch.tensor(49408))
     save_checkpoint(tmp_path / "openai_format.pt", sd)
-    m = ce.load_clip(tmp_path / "openai_format.pt")
+    m = clip.load_clip(tmp_path / "openai_format.pt")
     assert m.pot_clip["name"] == "ViT-B-16-quickgelu"
     assert torch.equal(m.state_dict()[w], sd[w].float())
     assert m.state_dict()[w].dtype == torch.float32 and not any(p.requires_grad for p in m.parameters())
@@ -75,9 +77,9 @@ def test_load_state_dict_in_openai_format(model, tmp_path):
 
 def test_open_clip_wrapper_and_bad_keys(tmp_path):
     save_checkpoint(tmp_path / "wrapped.pt", {"state_dict": {"module.logit_scale": torch.ones(())}, "epoch": 3})
-    assert list(ce.read_clip_state_dict(tmp_path / "wrapped.pt")) == ["logit_scale"]
-    with pytest.raises(BadInputError, match="missing key"): ce.load_clip(tmp_path / "wrapped.pt")
-    with pytest.raises(BadInputError, match="file not found"): ce.load_clip(tmp_path / "nope.pt")
+    assert list(clip.read_clip_state_dict(tmp_path / "wrapped.pt")) == ["logit_scale"]
+    with pytest.raises(BadInputError, match="missing key"): clip.load_clip(tmp_path / "wrapped.pt")
+    with pytest.raises(BadInputError, match="file not found"): clip.load_clip(tmp_path / "nope.pt")
 
 
 @pytest.mark.filterwarnings("ignore:.*torch.jit.*:FutureWarning")
@@ -89,23 +91,23 @@ def test_torchscript_is_refused_and_converted_once(tmp_path):
             self.register_buffer("input_resolution", torch.tensor(224))
         def forward(self, x): return x * self.logit_scale
     torch.jit.save(torch.jit.script(Holder()), str(tmp_path / "ViT-B-16.pt"))
-    with pytest.raises(BadInputError, match="TorchScript.*--convert-openai"):
-        ce.read_clip_state_dict(tmp_path / "ViT-B-16.pt")
-    ce.clip_cams_main(["--convert-openai", str(tmp_path / "ViT-B-16.pt"), "--out", str(tmp_path / "state.pt")])
-    sd = ce.read_clip_state_dict(tmp_path / "state.pt")
+    with pytest.raises(BadInputError, match="TorchScript.*--convert_openai"):
+        clip.read_clip_state_dict(tmp_path / "ViT-B-16.pt")
+    ce.clip_cams_main(["--convert_openai", str(tmp_path / "ViT-B-16.pt"), "--out", str(tmp_path / "state.pt")])
+    sd = clip.read_clip_state_dict(tmp_path / "state.pt")
     assert list(sd) == ["logit_scale"] and sd["logit_scale"].dtype == torch.float32
     assert list(torch.load(tmp_path / "state.pt", weights_only=True)) == ["logit_scale"]   # plain tensors, no pickle
 
 
 # ---------------------------------------------------------------- prompts
 def test_prompts_are_data_and_toyvoc_uses_its_own_names(model):
-    fg, bg = ce.clip_prompts(TOYVOC_CLASSES)
+    fg, bg = clip.clip_prompts(TOYVOC_CLASSES)
     assert fg == [f"a clean origami {c}." for c in TOYVOC_CLASSES[:3]] + ["a clean origami bird avian."] + \
         [f"a clean origami {c}." for c in TOYVOC_CLASSES[4:]]
     assert len(bg) == 24 and "a clean origami house." not in bg
-    t = ce.encode_prompts(model, fg + bg)
-    assert t.shape == (30, 512) and t is ce.encode_prompts(model, fg + bg)      # cached per vocabulary
-    with pytest.raises(BadInputError): ce.clip_prompts([])
+    t = clip.encode_prompts(model, fg + bg)
+    assert t.shape == (30, 512) and t is clip.encode_prompts(model, fg + bg)      # cached per vocabulary
+    with pytest.raises(BadInputError): clip.clip_prompts([])
 
 
 # ---------------------------------------------------------------- algorithm
@@ -121,8 +123,8 @@ def test_shapes_ranges_determinism(model):
 
 def test_batched_backward_equals_per_class_loop(model):
     imgs = [np.random.default_rng(s).integers(0, 256, (64, 96, 3), dtype=np.uint8) for s in range(2)]
-    fg, bg = ce.text_features(model, VOC_CLASSES)
-    x = torch.stack([ce.preprocess_image(i) for i in imgs])
+    fg, bg = clip.text_features(model, VOC_CLASSES)
+    x = torch.stack([clip.preprocess_image(i) for i in imgs])
     keys = [[3, 15, 12], [7]]
     r1 = ce.clip_es_batch(model, x, keys, fg, bg, batched=True)
     r2 = ce.clip_es_batch(model, x, keys, fg, bg, batched=False)
@@ -163,8 +165,8 @@ def reference_clip_es(model, img, keys, classes, precision="float32"):
     import cv2
     import torch.nn.functional as F
     vis, blocks = model.visual, model.visual.transformer.resblocks
-    fg, bg = ce.text_features(model, classes)
-    x = ce.preprocess_image(img)[None]
+    fg, bg = clip.text_features(model, classes)
+    x = clip.preprocess_image(img)[None]
     h, w = x.shape[-2] // 16, x.shape[-1] // 16
     with torch.no_grad():
         t = vis.conv1(x).flatten(2).transpose(1, 2)
@@ -215,13 +217,13 @@ def test_matches_reference_math(model):
     rng = np.random.default_rng(0)
     for hw, keys in [((60, 90), [3, 15, 12]), ((100, 40), [15]), ((48, 112), [1, 2])]:
         img = rng.integers(0, 256, hw + (3,), dtype=np.uint8)
-        x = ce.preprocess_image(img)[None]
-        fg, bg = ce.text_features(model, VOC_CLASSES)
+        x = clip.preprocess_image(img)[None]
+        fg, bg = clip.text_features(model, VOC_CLASSES)
         ours = ce.clip_es_batch(model, x, [keys], fg, bg)
         final = ce.upsample_cams(ours["cam"][0], hw).numpy()
-        xin, _, grid = ce.vit_trunk(model.visual, x)                   # the GradCAM is scaled twice (scale_gradcam)
+        xin, _, grid = clip.vit_trunk(model.visual, x)                   # the GradCAM is scaled twice (scale_gradcam)
         text = torch.cat([fg[torch.as_tensor(keys) - 1], bg])[None]
-        raw, _ = ce.last_block_gradcam(model, xin, text, torch.ones(1, text.shape[1], dtype=torch.bool), len(keys))
+        raw, _ = clip.last_block_gradcam(model, xin, text, torch.ones(1, text.shape[1], dtype=torch.bool), len(keys))
         torch.testing.assert_close(ours["gradcam"], ce.scale_gradcam(raw.view(1, len(keys), *grid)), rtol=0, atol=1e-6)
         assert (ours["gradcam"] - ce.minmax(raw.view(1, len(keys), *grid))).abs().max() > 1e-6
         for prec in ("float32", "float64"):
@@ -355,7 +357,7 @@ def test_resume_after_killed_run(toy, tmp_path):
     code = ("import pot.clip_es as ce, time; orig = ce.write_clip_cam\n"
             "def slow(*a, **k):\n    time.sleep(0.2); return orig(*a, **k)\n"
             "ce.write_clip_cam = slow\n"
-            f"ce.clip_cams_cli(['--data-root', {str(toy)!r}, '--dataset', 'toyvoc', '--split', 'train', "
+            f"ce.clip_cams_cli(['--data_root', {str(toy)!r}, '--dataset', 'toyvoc', '--split', 'train', "
             f"'--out', {str(out)!r}, '--pretrained', 'none', '--device', 'cpu'])\n")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -368,7 +370,7 @@ def test_resume_after_killed_run(toy, tmp_path):
     n_before = len(done)
     done[0].write_bytes(done[0].read_bytes()[:40])                                 # a corrupted file
     keep = {p.name: p.stat().st_mtime_ns for p in done[1:]}
-    m = ce.load_clip(None, seed=0)                                                  # the killed run's weights
+    m = clip.load_clip(None, seed=0)                                                  # the killed run's weights
     s = ce.build_clip_cache(toy, "train", out, dataset="toyvoc", pretrained=None, model=m, batch_size=8, progress=False)
     assert s["n_computed"] == 6 - n_before + 1 and s["n_skipped"] == n_before - 1
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.npz") if p.name in keep} == keep
@@ -379,18 +381,18 @@ def test_resume_after_killed_run(toy, tmp_path):
 def test_cli_builds_and_evaluates(model, toy, tmp_path, capsys, monkeypatch):
     calls = []
     monkeypatch.setattr(ce, "load_clip", lambda pretrained, device, seed=0: calls.append((pretrained, seed)) or model)
-    s = ce.clip_cams_main(["--data-root", str(toy), "--dataset", "toyvoc", "--split", "val", "--out", str(tmp_path / "c"),
-                          "--pretrained", "none", "--device", "cpu", "--eval", "--batch-size", "2", "--seed", "3"])
+    s = ce.clip_cams_main(["--data_root", str(toy), "--dataset", "toyvoc", "--split", "val", "--out", str(tmp_path / "c"),
+                          "--pretrained", "none", "--device", "cpu", "--eval", "--batch_size", "2", "--seed", "3"])
     assert calls == [(None, 3)] and s["n_images"] == 2 and "miou" in s["eval"]
     assert "CAM mIoU" in capsys.readouterr().out
 
 
 def test_cli_full_box_edges_is_a_recorded_setting(model, toy, tmp_path, monkeypatch):
-    "--full-box-edges reaches the algorithm and the cache's settings; resuming without it is an error."
+    "--full_box_edges reaches the algorithm and the cache's settings; resuming without it is an error."
     monkeypatch.setattr(ce, "load_clip", lambda pretrained, device, seed=0: model)
-    args = ["--data-root", str(toy), "--dataset", "toyvoc", "--out", str(tmp_path / "c"), "--pretrained", "none",
+    args = ["--data_root", str(toy), "--dataset", "toyvoc", "--out", str(tmp_path / "c"), "--pretrained", "none",
             "--device", "cpu", "--limit", "2"]
-    ce.clip_cams_main(args + ["--full-box-edges"])
+    ce.clip_cams_main(args + ["--full_box_edges", "true"])
     settings = load_json(tmp_path / "c" / ce.CACHE_META)["settings"]
     assert settings["full_box_edges"] is True and settings["format"] == 2
     ds = load_dataset("toyvoc", toy, "train")
@@ -402,9 +404,9 @@ def test_cli_full_box_edges_is_a_recorded_setting(model, toy, tmp_path, monkeypa
 
 
 def test_cli_reports_bad_input_without_traceback(toy, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(ce, "_openai_weights_file", lambda: (_ for _ in ()).throw(OSError("offline")))
-    assert "pretrained='openai'" in cli_error(ce.clip_cams_cli, ["--data-root", str(toy), "--dataset", "toyvoc", "--out", str(tmp_path / "c")], capsys)
-    assert "no split file" in cli_error(ce.clip_cams_cli, ["--data-root", str(tmp_path), "--out", str(tmp_path / "c"), "--pretrained", "none"], capsys)
+    monkeypatch.setattr(clip, "_openai_weights_file", lambda: (_ for _ in ()).throw(OSError("offline")))
+    assert "pretrained='openai'" in cli_error(ce.clip_cams_cli, ["--data_root", str(toy), "--dataset", "toyvoc", "--out", str(tmp_path / "c")], capsys)
+    assert "no split file" in cli_error(ce.clip_cams_cli, ["--data_root", str(tmp_path), "--out", str(tmp_path / "c"), "--pretrained", "none"], capsys)
 
 
 def _parity_report():
@@ -416,14 +418,14 @@ def _parity_report():
     cast_first = lambda T, cams, masks: ce.minmax((T @ (T @ (cams * masks).flatten(2).transpose(1, 2).to(T.dtype)))
                                                   .transpose(1, 2).reshape(cams.shape).float())      # the old refine_cams
     for kind in ("peaked", "default"):
-        m = ce.load_clip(None, "cpu", seed=0)
+        m = clip.load_clip(None, "cpu", seed=0)
         if kind == "peaked":
             for b in m.visual.transformer.resblocks: b.attn.in_proj_weight[:2 * 768] *= 4
-        fg, bg = ce.text_features(m, VOC_CLASSES)
+        fg, bg = clip.text_features(m, VOC_CLASSES)
         rng = np.random.default_rng(0)
         for hw, keys in sizes:
             img = rng.integers(0, 256, hw + (3,), dtype=np.uint8)
-            x = ce.preprocess_image(img)[None]
+            x = clip.preprocess_image(img)[None]
             ours, loop = (ce.clip_es_batch(m, x, [keys], fg, bg, batched=b) for b in (True, False))
             refine, ce.refine_cams = ce.refine_cams, cast_first
             try: old, old_loop = (ce.clip_es_batch(m, x, [keys], fg, bg, batched=b)["cam"] for b in (True, False))

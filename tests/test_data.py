@@ -9,10 +9,10 @@ import torch
 from PIL import Image
 
 from pot.core import BadInputError, load_json
-from pot.data import (IMAGENET_MEAN, IMAGENET_STD, InferDataset, TrainDataset, VOCLayout, load_dataset,
-                      make_train_aug, read_split, write_split)
+from pot.data import IMAGENET_MEAN, IMAGENET_STD, VOCLayout, load_dataset, make_train_aug, read_split, write_split
+from pot.datasets import InferDataset, TrainDataset
 from pot.toyvoc import TOYVOC_CLASSES, ensure_toyvoc, generate_toyvoc, toyvoc_cli
-from pot.viz import save_palette_png
+from pot.data import save_palette_png
 from helpers import cli_error
 
 N_TRAIN, N_VAL, SIZE = 10, 4, 96
@@ -161,14 +161,14 @@ def test_generation_is_deterministic(toy, tmp_path):
 
 def test_ensure_and_cli(tmp_path, capsys):
     out = tmp_path / "t"
-    toyvoc_cli(["--out", str(out), "--n-train", "3", "--n-val", "1", "--size", "64", "--quiet"])
+    toyvoc_cli(["--out", str(out), "--n_train", "3", "--n_val", "1", "--size", "64", "--quiet"])
     stamp = (out / "toyvoc.json").stat().st_mtime_ns
     ensure_toyvoc(out, n_train=3, n_val=1, size=64, progress=False)
     assert (out / "toyvoc.json").stat().st_mtime_ns == stamp              # complete: left alone
     (out / "Annotations/train_00001.xml").unlink()
     ensure_toyvoc(out, n_train=3, n_val=1, size=64, progress=False)      # incomplete: regenerated
     assert (out / "Annotations/train_00001.xml").is_file()
-    toyvoc_cli(["--out", str(out), "--n-train", "3", "--n-val", "1", "--size", "64", "--quiet"])
+    toyvoc_cli(["--out", str(out), "--n_train", "3", "--n_val", "1", "--size", "64", "--quiet"])
     assert "up to date" in capsys.readouterr().out
 
 
@@ -244,7 +244,7 @@ def _users_folder(root: Path) -> Path:
 def test_users_folder_is_never_replaced(tmp_path, capsys):
     user = _users_folder(tmp_path / "mine")
     with pytest.raises(BadInputError, match="no toyvoc.json manifest"): ensure_toyvoc(user, n_train=2, n_val=0, progress=False)
-    assert "no toyvoc.json manifest" in cli_error(toyvoc_cli, ["--out", str(user), "--n-train", "2", "--n-val", "0", "--quiet", "--force"], capsys)
+    assert "no toyvoc.json manifest" in cli_error(toyvoc_cli, ["--out", str(user), "--n_train", "2", "--n_val", "0", "--quiet", "--force"], capsys)
     from pot.train import train
     from pot.core import POTConfig
     with pytest.raises(BadInputError, match="classes.txt"):
@@ -255,12 +255,12 @@ def test_users_folder_is_never_replaced(tmp_path, capsys):
 
 def test_toyvoc_with_other_parameters_is_kept(tmp_path, capsys):
     out = tmp_path / "t"
-    toyvoc_cli(["--out", str(out), "--n-train", "4", "--n-val", "1", "--size", "64", "--quiet"])
+    toyvoc_cli(["--out", str(out), "--n_train", "4", "--n_val", "1", "--size", "64", "--quiet"])
     before = _digest(out)
     assert "n_train: 4 there, 600 asked" in cli_error(toyvoc_cli, ["--out", str(out), "--quiet"], capsys)
     with pytest.raises(BadInputError, match="size: 64 there, 160 asked"): ensure_toyvoc(out, n_train=4, n_val=1, progress=False)
     assert _digest(out) == before
-    toyvoc_cli(["--out", str(out), "--n-train", "3", "--n-val", "1", "--size", "64", "--quiet", "--force"])   # ours: replaced on request
+    toyvoc_cli(["--out", str(out), "--n_train", "3", "--n_val", "1", "--size", "64", "--quiet", "--force"])   # ours: replaced on request
     assert load_json(out / "toyvoc.json")["params"]["n_train"] == 3
 
 

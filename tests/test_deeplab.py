@@ -1,44 +1,32 @@
 """End-to-end tests of stage 4 (`pot.deeplab`): training that stays finite on all-255 and mostly-255 labels,
-exact resume after SIGKILL through the `pot-deeplab` command line, the CRF process pool, clear errors, and
+the CRF process pool (exact resume after SIGKILL: `test_resume.py`), clear errors, and
 `papermill nbs/segmentation.ipynb` on a tiny ToyVOC. Tiny settings (ToyVOC images of 64 px, ResNet-18,
 48-px crops, one intra-op thread) keep the file within a couple of minutes on a busy 2-core CPU.
 """
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, check_parameters_match, kill_at_checkpoint, subprocess_env
-from pot.core import BadInputError, load_checkpoint, load_json, read_jsonl
-from pot.data import load_dataset
-from pot.viz import read_label_png, save_palette_png
+from conftest import deeplab_config as config, one_thread
+from helpers import ROOT, check_parameters_match
+from pot.core import BadInputError, load_json, read_jsonl
+from pot.data import load_dataset, read_label_png, save_palette_png
 
 NB = ROOT / "nbs" / "segmentation.ipynb"
-RUNNER = "import sys; from pot.deeplab import deeplab_cli; deeplab_cli(sys.argv[1:])"
-TINY = dict(crop=48, batch_size=4, epochs=2, log_every=1, ckpt_every=2, num_workers=0, device="cpu")
-
-
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
+def single_thread():
     "One intra-op thread for everything in this file (module fixtures included): runs compared bit for bit use the same kernels."
-    n = torch.get_num_threads(); torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_thread(): yield
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    "A tiny ToyVOC (12 train, 4 val images of 64 px) and its train ground truth as a pseudo-label folder."
-    from pot.toyvoc import generate_toyvoc
-    from pot.deeplab import copy_gt_labels
-    root = generate_toyvoc(tmp_path_factory.mktemp("data") / "toyvoc", n_train=12, n_val=4, size=64, progress=False)
-    labels = copy_gt_labels(load_dataset("toyvoc", root, "train"), tmp_path_factory.mktemp("labels") / "gt")
-    return root, labels
+def toy(deeplab_toy):
+    "A tiny ToyVOC (12 train, 4 val images of 64 px) and its train ground truth as a pseudo-label folder (conftest)."
+    return deeplab_toy
 
 
 def label_folder(toy, out: Path, keep: float) -> Path:
@@ -51,12 +39,6 @@ def label_folder(toy, out: Path, keep: float) -> Path:
         m[rng.random(m.shape) >= keep] = 255
         save_palette_png(out / f"{ds.name(i)}.png", m)
     return out
-
-
-def config(toy, out, **kw):
-    from pot.deeplab import DeepLabConfig
-    root, labels = toy
-    return DeepLabConfig(**{**dict(data_root=str(root), label_dir=str(labels), out_dir=str(out)), **TINY, **kw})
 
 
 def test_all_ignored_labels_train_to_a_finite_network(toy, tmp_path):
@@ -116,31 +98,10 @@ def test_ddp_loss_is_the_global_mean(tmp_path):
     torch.testing.assert_close(r[1]["grad"] / 2, zz.grad[1::2])                               # DDP averages over 2 ranks
 
 
-def flags(cfg) -> list[str]:
-    return [a for k, v in cfg.to_dict().items() for a in (f"--{k}", " ".join(map(str, v)) if isinstance(v, list) else str(v))
-            if k != "scale"] + ["--scale", *map(str, cfg.scale)]
-
-
 @pytest.fixture(scope="module")
-def trained(toy, tmp_path_factory):
-    "An uninterrupted tiny training (6 steps), in this process with one thread."
-    from pot.deeplab import train_deeplab
-    return train_deeplab(config(toy, tmp_path_factory.mktemp("runs") / "seg"))
-
-
-def test_kill_and_resume_is_bit_identical(toy, trained, tmp_path):
-    "pot-deeplab --train-only, SIGKILL after a checkpoint, same command again: the weights of the uninterrupted run."
-    killed = config(toy, tmp_path / "killed")
-    cmd = [sys.executable, "-c", RUNNER, *flags(killed), "--train-only"]
-    last, final = tmp_path / "killed" / "ckpt" / "last.pt", tmp_path / "killed" / "ckpt" / "final.pt"
-    kill_at_checkpoint(cmd, last, final)
-    assert load_checkpoint(last)["step"] in (2, 4)                # 3 steps per epoch: killed mid-epoch
-    p = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    a = load_checkpoint(trained / "ckpt" / "final.pt")["model"]
-    b = load_checkpoint(final)["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
-    assert [r["step"] for r in read_jsonl(tmp_path / "killed" / "metrics.jsonl")] == list(range(1, 7))
+def trained(deeplab_reference):
+    "An uninterrupted tiny training (6 steps; conftest)."
+    return deeplab_reference
 
 
 def test_crf_pool_matches_one_process(trained):

@@ -25,7 +25,8 @@ def test_make_docs():
         assert re.search(rf'href="(\./)?{name}\.html"', index), f"index.html does not link to {name}.html"
     page = (docs / "transport.html").read_text(encoding="utf-8")  # nbs/06_transport.ipynb
     assert "similarity-aware" in page and "sinkhorn" in page and "allocate" in page
-    assert 'id="fit"' in (docs / "train.html").read_text(encoding="utf-8")  # nbs/10_train.ipynb, module pot.train
+    assert 'id="train"' in (docs / "train.html").read_text(encoding="utf-8")  # nbs/10_train.ipynb, module pot.train
+    assert 'id="fit"' in (docs / "runs.html").read_text(encoding="utf-8")    # nbs/04a_runs.ipynb, the run layer
     assert "Train POT and score its CAMs" in (docs / "experiment-train.html").read_text(encoding="utf-8")  # nbs/train.ipynb
     repro = (docs / "reproduce.html").read_text(encoding="utf-8")
     assert "Reproducing the paper" in repro and "76.1" in repro and "POT against its baseline" in repro

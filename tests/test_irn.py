@@ -1,6 +1,6 @@
 """Behaviour tests for pot.irn beyond the notebook: path indices and affinity labels against brute force, the random
-walk on a synthetic image with a known boundary, IRN training (the loss falls; a run killed mid-way resumes bit for
-bit; 2 DDP processes match one), the pseudo labels on simulated CAMs (measured mIoU, asserted with margin), bad
+walk on a synthetic image with a known boundary, IRN training (the loss falls;
+2 DDP processes match one; exact resume after SIGKILL: `test_resume.py`), the pseudo labels on simulated CAMs (measured mIoU, asserted with margin), bad
 input, and pseudo_labels.ipynb end to end through papermill.
 
 Training runs in subprocesses through `pot.irn.irn_cli` with one intra-op thread (OMP_NUM_THREADS=1), as in
@@ -13,48 +13,27 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import ROOT, kill_at_checkpoint, subprocess_env
-from pot.core import BadInputError, load_checkpoint, load_json, load_npz, read_jsonl, save_json, save_npz
-from pot.crf import evaluate_pseudo_labels, make_simulated_run, read_image_cams
-from pot.data import load_dataset
-from pot.core import seed_everything
-from pot.irn import (IRNConfig, IRNet, RelationPaths, affinity_labels, cam_to_ir_label, edge_to_affinity, grid_labels,
-                     irn_dataset, irn_label, irn_losses, make_irn_labels, new_irn, offset_path, path_offsets, random_walk,
-                     train_irn)
-from pot.metrics import CAMEvaluator, SegEvaluator
-from pot.toyvoc import generate_toyvoc
-from pot.viz import read_label_png
+from conftest import IRN_TINY as TINY, copy_run, irn_flags as flags, irn_tiny_cfg as tiny_cfg, one_thread
+from helpers import ROOT, subprocess_env
+from pot.core import BadInputError, load_checkpoint, load_json, load_npz, read_jsonl, save_npz, seed_everything
+from pot.crf import evaluate_pseudo_labels
+from pot.irn import IRNConfig, IRNet, cam_to_ir_label, irn_dataset, irn_label, make_irn_labels, new_irn, train_irn
+from pot.relations import (RelationPaths, affinity_labels, edge_to_affinity, grid_labels, irn_losses, offset_path, path_offsets,
+                           random_walk)
+from pot.metrics import SegEvaluator
+from pot.runs import Run
+from pot.data import read_label_png
 
-RUNNER = "import sys; from pot.irn import irn_cli; irn_cli(sys.argv[1:])"
-TINY = dict(backbone="resnet18", pretrained="None", crop=48, batch_size=4, epochs=2, lr=0.1, momentum=0.9, radius=5,
-            ckpt_every=3, log_every=1, device="cpu")
-
-
-def flags(run, cfg: dict, stage="train") -> list[str]:
-    "Command-line flags: the IRNConfig defaults (preset 'voc') with `cfg` applied."
-    return ["--run_dir", str(run), "--stage", stage, "--preset", "voc", *[a for k, v in cfg.items() for a in (f"--{k}", str(v))]]
+@pytest.fixture(scope="module")
+def toy(irn_toy):
+    "16 ToyVOC training images of 96 px (conftest)."
+    return irn_toy
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    "16 ToyVOC training images of 96 px."
-    root = generate_toyvoc(tmp_path_factory.mktemp("data") / "toyvoc", n_train=16, n_val=2, size=96, seed=4, progress=False)
-    return load_dataset("toyvoc", root, "train")
-
-
-@pytest.fixture(scope="module")
-def sim(toy, tmp_path_factory):
-    "A run with simulated CAMs, its CAM mIoU in metrics.json, and its IR labels."
-    run = make_simulated_run(tmp_path_factory.mktemp("sim") / "run", toy)
-    ev = CAMEvaluator(toy.num_classes + 1)
-    for i in range(len(toy)):
-        keys, maps = read_image_cams(run, toy.name(i), "final", toy.labels(i), toy.image_size(i))
-        ev.add(toy.mask(i), maps, keys)
-    cam = ev.result(split="train", which="final")
-    save_json(run / "metrics.json", dict(cam_miou=dict(final=cam["miou"]), cam_split="train"))
-    s = cam_to_ir_label(run, n_workers=2)
-    assert s["n_written"] == len(toy)
-    return run
+def sim(irn_sim):
+    "A run with simulated CAMs, its CAM mIoU in metrics.json, and its IR labels (conftest)."
+    return irn_sim
 
 
 # --- paths and pair labels -----------------------------------------------------------------------------------------
@@ -116,29 +95,10 @@ def test_random_walk_stays_inside_a_closed_boundary():
 
 
 # --- training -----------------------------------------------------------------------------------------------------
-def copy_run(src, dst):
-    "A fresh run folder sharing the CAMs and IR labels of `src` (no IRN state, no IRN labels)."
-    import shutil
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("irn"))
-    return dst
-
-
-class one_thread:
-    "torch with one intra-op thread inside the block (the subprocesses run with OMP_NUM_THREADS=1)."
-    def __enter__(self): self.n = torch.get_num_threads(); torch.set_num_threads(1)
-    def __exit__(self, *exc): torch.set_num_threads(self.n)
-
-
-def tiny_cfg(**kw) -> IRNConfig:
-    return IRNConfig(**{**TINY, "pretrained": None, **kw})
-
-
 @pytest.fixture(scope="module")
-def reference(sim, tmp_path_factory):
-    "An uninterrupted tiny IRN training (2 epochs × 4 steps), in this process."
-    run = copy_run(sim, tmp_path_factory.mktemp("ref") / "run")
-    with one_thread(): train_irn(run, tiny_cfg())
-    return run
+def reference(irn_reference):
+    "An uninterrupted tiny IRN training (2 epochs × 4 steps; conftest)."
+    return irn_reference
 
 
 def test_loss_falls_and_the_log_is_complete(reference):
@@ -171,22 +131,6 @@ def test_training_lowers_the_loss_on_fixed_crops(reference, toy):
     print({k: (round(float(l0[k]), 3), round(float(l1[k]), 3)) for k in ("loss", "loss_bg_pos", "loss_fg_pos", "loss_neg", "loss_dp_fg")})
     assert l1["loss"] < l0["loss"] - 0.1                            # measured: see the report
     assert l1["loss_neg"] + l1["loss_bg_pos"] + l1["loss_fg_pos"] < l0["loss_neg"] + l0["loss_bg_pos"] + l0["loss_fg_pos"]
-
-
-def test_kill_and_resume_is_bit_identical(reference, sim, tmp_path):
-    run = copy_run(sim, tmp_path / "run")
-    last, final = run / "irn/ckpt/last.pt", run / "irn/ckpt/final.pt"
-    kill_at_checkpoint([sys.executable, "-c", RUNNER, *flags(run, TINY)], last, final)
-    assert load_checkpoint(last)["step"] in (3, 6)
-    with one_thread(): train_irn(run, tiny_cfg())                   # resumes from last.pt
-    a, b = load_checkpoint(reference / "irn/ckpt/final.pt")["model"], load_checkpoint(final)["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ"
-    la, lb = read_jsonl(reference / "irn/metrics.jsonl"), read_jsonl(run / "irn/metrics.jsonl")
-    assert [r["step"] for r in lb] == list(range(1, 9)) and [r["loss"] for r in la] == [r["loss"] for r in lb]
-    mtime = final.stat().st_mtime_ns
-    train_irn(run, tiny_cfg())                                      # finished: returns at once
-    assert final.stat().st_mtime_ns == mtime
-    with pytest.raises(BadInputError, match="other parameters"): train_irn(run, tiny_cfg(lr=0.05))
 
 
 def test_two_processes_match_one(reference, sim, tmp_path):
@@ -223,7 +167,7 @@ def test_pseudo_labels_on_simulated_cams(sim, toy):
     ev = SegEvaluator(toy.num_classes + 1)
     for i in range(len(toy)):
         gt = toy.mask(i)
-        keys, maps = read_image_cams(sim, toy.name(i), "final", toy.labels(i), gt.shape)
+        keys, maps = Run(sim).image_cams(toy.name(i), "final", toy.labels(i), gt.shape)
         g = gt.astype(np.int32)
         on_edge = ((gt == 255) | (maximum_filter(g, 3) != minimum_filter(g, 3))).astype(np.float32)
         h, w = (gt.shape[0] + 3) // 4, (gt.shape[1] + 3) // 4

@@ -1,5 +1,5 @@
-"""End-to-end tests of stage 1 (`pot.train`): exact resume after SIGKILL, 2-process DDP vs one process,
-run-folder contents, clear errors. Tiny settings (24 ToyVOC images of 96 px, ResNet-18, 64-px crops,
+"""End-to-end tests of stage 1 (`pot.train`): 2-process DDP vs one process, run-folder contents, clear errors (exact
+resume after SIGKILL: `test_resume.py`). Tiny settings (24 ToyVOC images of 96 px, ResNet-18, 64-px crops,
 feature_stride 8) keep the whole file around a minute or two on a busy 2-core CPU.
 
 Training runs in subprocesses launched through the `pot-train` command line (`pot.train.train_cli`), with
@@ -13,58 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import kill_at_checkpoint, subprocess_env
+from conftest import POT_TINY as TINY, pot_flags as flags, run_cli
+from helpers import subprocess_env
 from pot.core import BadInputError, POTConfig, load_checkpoint, load_json, read_jsonl, save_json, save_npz
+from pot.runs import Run
 
-RUNNER = "import sys; from pot.train import train_cli; train_cli(sys.argv[1:])"
-TINY = dict(backbone="resnet18", pretrained=None, crop=64, batch_size=4, feature_stride=8, epochs=2, lr=0.01, K=3, lambda_con=1.0,
-            con_warmup=0.0, con_ramp=0.0, detach_pot=False, lr_new_mult=1.0, freeze_stem_bn=False,
-            ckpt_every=4, log_every=1, num_workers=0, device="cpu")
+@pytest.fixture(scope="module")
+def toy(make_toyvoc):
+    "A tiny ToyVOC: 24 train images of 96 px (6 steps per epoch at batch 4), the one of `pot_reference`."
+    return make_toyvoc(n_train=24, n_val=4, size=96)
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
-    "A tiny ToyVOC: 24 train images of 96 px (6 steps per epoch at batch 4)."
-    from pot.toyvoc import generate_toyvoc
-    return generate_toyvoc(tmp_path_factory.mktemp("data") / "toyvoc", n_train=24, n_val=4, size=96, progress=False)
-
-
-def flags(cfg: dict) -> list[str]:
-    return [a for k, v in cfg.items() for a in (f"--{k}", str(v))]
-
-
-def run_train(cfg: dict, timeout=300) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-c", RUNNER, *flags(cfg)], env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return p
-
-
-def weights(run) -> dict:
-    return load_checkpoint(Path(run) / "ckpt" / "final.pt")["model"]
-
-
-@pytest.fixture(scope="module")
-def reference(toy, tmp_path_factory):
-    "An uninterrupted tiny run (12 steps)."
-    cfg = dict(TINY, dataset="toyvoc", data_root=str(toy), out_dir=str(tmp_path_factory.mktemp("runs") / "ref"))
-    run_train(cfg)
-    return cfg
-
-
-def test_kill_and_resume_is_bit_identical(reference, tmp_path):
-    cfg = dict(reference, out_dir=str(tmp_path / "killed"))
-    last, final = tmp_path / "killed" / "ckpt" / "last.pt", tmp_path / "killed" / "ckpt" / "final.pt"
-    kill_at_checkpoint([sys.executable, "-c", RUNNER, *flags(cfg)], last, final)
-    step = load_checkpoint(last)["step"]
-    assert step in (4, 8) and step % 6 != 0   # 6 steps per epoch: the kill came mid-epoch
-    run_train(cfg)                            # same command again: resumes from last.pt
-    ref, res = weights(reference["out_dir"]), weights(cfg["out_dir"])
-    assert ref.keys() == res.keys()
-    assert all(torch.equal(ref[k], res[k]) for k in ref), "resumed weights differ from the uninterrupted run"
-    # the log has each step once, and the resumed steps logged the same losses
-    a, b = read_jsonl(Path(reference["out_dir"]) / "metrics.jsonl"), read_jsonl(tmp_path / "killed" / "metrics.jsonl")
-    assert [r["step"] for r in b] == list(range(1, 13))
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+def reference(pot_reference):
+    "An uninterrupted tiny run (12 steps; conftest)."
+    return pot_reference
 
 
 def test_run_folder_contents(reference):
@@ -124,7 +87,7 @@ def test_two_processes_match_one(toy, tmp_path):
     base = dict(TINY, dataset="toyvoc", data_root=str(toy), epochs=1, K=1, ckpt_every=100, optimizer="sgd", freeze_stem_bn=True)
     one = dict(base, out_dir=str(tmp_path / "one"))
     two = dict(base, out_dir=str(tmp_path / "two"))
-    run_train(one)
+    run_cli("pot", flags(one))
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "-m", "pot.train", *flags(two)], env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -135,7 +98,7 @@ def test_two_processes_match_one(toy, tmp_path):
         for k in ("loss", "loss_cls", "loss_con"):
             rel = 1e-5 if ra["step"] == 1 else {"loss_con": 5e-2}.get(k, 1e-2)
             assert rb[k] == pytest.approx(ra[k], rel=rel, abs=1e-6), (ra["step"], k, ra[k], rb[k])
-    wa, wb = weights(tmp_path / "one"), weights(tmp_path / "two")
+    wa, wb = (load_checkpoint(Run(tmp_path / r).final_ckpt)["model"] for r in ("one", "two"))
     assert max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa) < 1e-3
 
 
