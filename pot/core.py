@@ -96,36 +96,36 @@ class POTConfig(JSONConfig):
     RUNTIME: ClassVar[tuple] = (*JSONConfig.RUNTIME, "eval_split", "cam_scales", "pot_scales", "beta_fuse", "compile_head")
     # data
     dataset: str = "toyvoc"          # voc | coco | toyvoc (any VOC-layout folder with classes.txt works as 'voc')
-    data_root: str = "data/toyvoc"
-    train_split: str = "train"
+    data_root: str = "data/toyvoc"   # the dataset folder (VOC layout)
+    train_split: str = "train"       # the split to train on
     eval_split: str = "train"        # CAMs are scored on the training split, as in WSSS papers
-    out_dir: str = "outputs/demo"
+    out_dir: str = "outputs/demo"    # the run folder: config, checkpoints, logs, CAMs, metrics, figures
     # seeds
     seed_source: str = "classifier"  # classifier | clip-es
     seed_dir: str | None = None      # CLIP-ES cache folder when seed_source='clip-es'
     # POT (METHOD.md §3)
-    tau: float = 0.7
-    K: int = 3
-    eps: float = 0.1
-    rho: float | None = 0.1
+    tau: float = 0.7                 # confidence threshold τ of the confident sets (METHOD.md §3)
+    K: int = 3                       # prototypes (k-means clusters) per class
+    eps: float = 0.1                 # entropic regularisation ε of the OT problem
+    rho: float | None = 0.1          # weight ρ of the semi-relaxed class marginal (None: balanced OT)
     marginal: str = "similarity"     # similarity | uniform
-    t: float = 0.1
-    lambda_con: float = 0.3
-    beta_fuse: float = 0.3
+    t: float = 0.1                   # temperature of the similarity-aware cluster marginal
+    lambda_con: float = 0.3          # weight λ of the consistency loss L_con
+    beta_fuse: float = 0.3           # weight β of the POT CAM in the CLIP-ES fusion (final CAM)
     # model and training
     backbone: str = "tf_efficientnet_lite0"   # resnet18 | resnet34 | resnet50 | resnet101 | resnet152 | tf_efficientnet_lite0
     pretrained: str | None = "lite0-imagenet"  # 'lite0-imagenet' (ships offline) | local ImageNet state dict | 'torchvision' | None = random
-    feature_stride: int = 4
-    crop: int = 128
-    batch_size: int = 16
-    epochs: int = 4
-    lr: float = 0.0003
+    feature_stride: int = 4          # stride of POT's feature grid F: 4 | 8 | 16
+    crop: int = 128                  # training crop size (px)
+    batch_size: int = 16             # images per step, all processes together
+    epochs: int = 4                  # training epochs
+    lr: float = 0.0003               # base learning rate (poly decay over all steps)
     lr_new_mult: float = 10.0        # side projections and classifier train at lr_new_mult × lr
     optimizer: str = "adamw"         # adamw | sgd (the paper: momentum 0.9)
     con_warmup: float = 1.0          # epochs of L_cls alone before L_con starts (10_train, 'When L_con starts')
     con_ramp: float = 1.0            # epochs over which the weight of L_con then rises linearly to lambda_con
     freeze_stem_bn: bool = True      # stem and every BatchNorm frozen, as in IRN/SIPE (the paper, with ImageNet weights)
-    weight_decay: float = 1e-4
+    weight_decay: float = 1e-4       # weight decay of the optimizer
     grad_clip: float | None = 10.0   # max gradient norm (None: no clipping)
     amp: bool = True                 # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU runs float32
     compile_head: bool = True        # CUDA: the static, sync-free POT head compiled with torch.compile (07_activation); False = eager
@@ -133,10 +133,10 @@ class POTConfig(JSONConfig):
     detach_pot: bool = True          # A^pot is a fixed target of L_con, no L_con gradient reaches F (10_train); voc/coco: False
     ckpt_every: int = 50             # steps between resumable checkpoints (ckpt/last.pt)
     log_every: int = 10              # steps between lines of metrics.jsonl
-    num_workers: int = 0
-    cam_scales: tuple = (1.0, 0.5, 1.5)    # the voc/coco presets: PAPER_CAM_SCALES
+    num_workers: int = 0             # DataLoader worker processes
+    cam_scales: tuple = (1.0, 0.5, 1.5)    # scales of CAM inference, each with its flip (voc/coco presets: PAPER_CAM_SCALES)
     pot_scales: tuple = (1.0,)       # the scales of cam_scales at which POT refines at inference (11_cams)
-    seed: int = 0
+    seed: int = 0                    # seed of the data order, the augmentation and the k-means draws
     device: str = "auto"             # auto | cpu | cuda
 
     def __post_init__(self):

@@ -152,27 +152,27 @@ DEVICES = ("auto", "cpu", "cuda")
 class DeepLabConfig(JSONConfig):
     "Every parameter of DeepLabV2 training on pseudo labels; defaults are the CPU ToyVOC demo, `preset('voc')` the paper's."
     dataset: str = "toyvoc"           # voc | coco | toyvoc (any VOC-layout folder with classes.txt works as 'voc')
-    data_root: str = "data/toyvoc"
-    train_split: str = "train"
+    data_root: str = "data/toyvoc"    # the dataset folder (VOC layout)
+    train_split: str = "train"        # the split whose pseudo labels it trains on
     label_dir: str = "outputs/demo/pseudo_labels/irn"   # pseudo labels <id>.png (palette, 255 = ignore) of train_split
     out_dir: str = "outputs/demo/segmentation"          # the segmentation run folder
-    backbone: str = "tf_efficientnet_lite0"
+    backbone: str = "tf_efficientnet_lite0" # the dilated encoder: resnet101 (DeepLabV2) | any of pot.model.BACKBONES
     pretrained: str | None = None     # None (random, BN calibrated) | 'torchvision' | path: ImageNet, DeepLabV2 or POT run checkpoint
-    output_stride: int = 8
-    crop: int = 96
+    output_stride: int = 8            # 8 (DeepLabV2) | 16
+    crop: int = 96                    # training crop size (px)
     scale: tuple = (0.5, 1.5)         # random rescale range
-    batch_size: int = 10
-    epochs: int = 3
-    lr: float = 1e-3                  # encoder; the ASPP head learns at head_lr_mult × lr
-    head_lr_mult: float = 10.0
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
+    batch_size: int = 10              # crops per step, all processes together
+    epochs: int = 3                   # training epochs
+    lr: float = 1e-3                  # base learning rate of the encoder (poly decay)
+    head_lr_mult: float = 10.0        # the ASPP head learns at head_lr_mult × lr
+    momentum: float = 0.9             # SGD momentum
+    weight_decay: float = 5e-4        # weight decay
     grad_clip: float | None = None    # max gradient norm (None: no clipping, as DeepLabV2)
     amp: bool = True                  # mixed precision on CUDA (bf16 where supported, else fp16 + GradScaler); CPU runs float32
     ckpt_every: int = 50              # steps between resumable checkpoints (ckpt/last.pt)
-    log_every: int = 10
-    num_workers: int = 0
-    seed: int = 0
+    log_every: int = 10               # steps between lines of metrics.jsonl
+    num_workers: int = 0              # DataLoader worker processes
+    seed: int = 0                     # seed of the data order and the augmentation
     device: str = "auto"              # auto | cpu | cuda
 
     def __post_init__(self):

@@ -142,24 +142,24 @@ def irn_param_groups(model: nn.Module, lr: float, dp_lr_mult: float = 10.0) -> l
 @dataclass
 class IRNConfig(JSONConfig):
     "Every parameter of IRN training; defaults are IRN's VOC settings (METHOD.md §5), `preset('toyvoc')` the CPU demo."
-    backbone: str = "resnet50"
+    backbone: str = "resnet50"        # the encoder: resnet50 (IRN) | any of pot.model.BACKBONES
     pretrained: str | None = None     # None | 'run' (the POT run's encoder) | 'torchvision' | path to ImageNet weights
     train_backbone: bool = False      # IRN: False (only the two branches learn)
-    crop: int = 512
+    crop: int = 512                   # training crop size (px), a multiple of 4
     scale: tuple = (0.5, 1.5)         # random rescale range
-    batch_size: int = 32
-    epochs: int = 3
-    lr: float = 0.1
-    dp_lr_mult: float = 10.0
-    momentum: float = 0.0
-    weight_decay: float = 1e-4
+    batch_size: int = 32              # crops per step, all processes together
+    epochs: int = 3                   # training epochs
+    lr: float = 0.1                   # base learning rate (poly decay)
+    dp_lr_mult: float = 10.0          # the displacement branch learns at dp_lr_mult × lr
+    momentum: float = 0.0             # SGD momentum (IRN effectively trains with 0)
+    weight_decay: float = 1e-4        # weight decay
     radius: float = 10.0              # pairs for training: |d| < radius grid cells
     amp: bool = True                  # mixed precision on CUDA; CPU runs float32
-    ckpt_every: int = 50
-    log_every: int = 10
-    num_workers: int = 0
-    seed: int = 0
-    device: str = "auto"
+    ckpt_every: int = 50              # steps between resumable checkpoints (irn/ckpt/last.pt)
+    log_every: int = 10               # steps between lines of irn/metrics.jsonl
+    num_workers: int = 0              # DataLoader worker processes
+    seed: int = 0                     # seed of the data order and the augmentation
+    device: str = "auto"              # auto | cpu | cuda
 
     def __post_init__(self):
         self.scale = tuple(float(s) for s in self.scale)

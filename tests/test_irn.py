@@ -225,3 +225,16 @@ def test_pseudo_labels_notebook(sim, tmp_path, method, monkeypatch):
     m = load_json(run / "metrics.json")
     assert m["pseudo_label_miou"][method] > 0 and m["cam_miou"]["final"] > 0
     assert (run / "pseudo_labels" / method / "params.json").is_file()
+
+
+def test_cli_hints_name_flags_it_has(sim, tmp_path, capsys):
+    "pot-irn's one-line errors name only flags pot-irn has (regression: its hints named `out=` and 'another out_dir'), and --overwrite redoes the labels."
+    import re
+    from helpers import cli_error
+    from pot.irn import irn_cli, irn_parser
+    run = copy_run(sim, tmp_path / "run")                                  # IR labels made from the 'final' CAMs
+    err = cli_error(irn_cli, ["--run_dir", str(run), "--stage", "ir", "--which", "cls"], capsys)
+    named = set(re.findall(r"--[a-z_-]+", err))
+    assert "--overwrite" in named and named <= set(irn_parser()._option_string_actions), err
+    irn_cli(["--run_dir", str(run), "--stage", "ir", "--which", "cls", "--overwrite"])
+    assert load_json(run / "pseudo_labels/ir/params.json")["which"] == "cls"
