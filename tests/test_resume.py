@@ -51,3 +51,5 @@ def test_kill_and_resume_is_bit_identical(stage, case, request, tmp_path):
     p = subprocess.run([sys.executable, "-c", RUNNERS[stage], *c["argv"], *c["other"]], env=subprocess_env(), capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 2 and p.stderr.startswith("error: ") and "other parameters (lr:" in p.stderr, p.stderr[-2000:]
+    hint = p.stderr.rsplit(";", 1)[-1]                                   # how to go on: with flags every stage's CLI has
+    assert "--no-resume" in hint and "out_dir" not in hint, hint
