@@ -25,8 +25,8 @@ from . import viz
 
 # %% auto #0
 __all__ = ['MAP_KEYS', 'CAM_SETTINGS', 'SUMMARY_ROWS', 'DEMO_ROWS', 'max_normalize', 'fuse_with_clip', 'batch_cams',
-           'cam_settings', 'infer_cams', 'load_cams', 'evaluate_cams', 'baseline_config', 'add_baseline',
-           'summary_table', 'per_class_table', 'print_summary', 'train_and_evaluate']
+           'cam_settings', 'infer_cams', 'evaluate_cams', 'baseline_config', 'add_baseline', 'summary_table',
+           'per_class_table', 'print_summary', 'train_and_evaluate']
 
 # %% ../nbs/11_cams.ipynb #317290ae
 MAP_KEYS = ("cls", "pot", "pot_k1", "final")
@@ -141,12 +141,6 @@ def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, 
     return run.cams_dir
 
 # %% ../nbs/11_cams.ipynb #57ae8a69
-def load_cams(run_dir, name: str, which: str = "final") -> tuple[np.ndarray, np.ndarray]:
-    "(keys (n,) label indices 1..C, maps float32 (n,H,W)) of image `name` from a run's CAM folder."
-    z = load_npz(Run(run_dir).cam_file(name), required=("keys", which))
-    return z["keys"], z[which].astype(np.float32)
-
-
 def evaluate_cams(run_dir, split: str | None = None, data_root: str | None = None, which: tuple = MAP_KEYS,
                   n_overlays: int = 4) -> dict:
     "CAM mIoU (best background threshold) of each map in `which` on `split`; writes metrics.json and figures/."
@@ -164,10 +158,8 @@ def evaluate_cams(run_dir, split: str | None = None, data_root: str | None = Non
         if "settings" not in z or str(z["settings"]) != settings:
             raise BadInputError(f"{path}: CAMs made with other settings than the run's config.json ({CAM_SETTINGS} and the "
                                 f"checkpoint); run infer_cams({str(run_dir)!r}) to remake them")
-        expected = np.flatnonzero(ds.labels(i)) + 1
-        if not np.array_equal(np.sort(z["keys"]), expected):
-            raise BadInputError(f"{path}: CAM classes {z['keys'].tolist()} differ from the image labels {expected.tolist()}")
-        for w in which: evs[w].add(gt, z[w].astype(np.float32), z["keys"])
+        keys = run.check_cam_classes(ds.name(i), z["keys"], ds.labels(i))
+        for w in which: evs[w].add(gt, z[w].astype(np.float32), keys)
     results = {w: evs[w].result(split=split, which=w) for w in which}
     fig = None
     for w, r in results.items(): fig = viz.plot_threshold_curve(r, ax=fig.axes[0] if fig else None, label=w)
@@ -178,7 +170,7 @@ def evaluate_cams(run_dir, split: str | None = None, data_root: str | None = Non
         img, gt = ds.image(i), ds.mask(i)
         row = [img, viz.colorize(gt)]
         for w in which:
-            keys, maps = load_cams(run_dir, ds.name(i), w)
+            keys, maps = run.image_cams(ds.name(i), w, ds.labels(i), ds.image_size(i))
             row.append(viz.overlay_cam(img, maps.max(0)))
         rows.append(row)
     if rows: viz.image_grid(rows, col_titles=["image", "ground truth", *which], path=run.figure(f"cam_overlays_{split}.png"))

@@ -15,7 +15,8 @@ import tokenize
 from .core import BadInputError, load_json
 
 # %% auto #0
-__all__ = ['Parser', 'parse_bool', 'field_help', 'flag_type', 'add_config_flags', 'add_run_flags', 'config_from_flags']
+__all__ = ['Parser', 'parse_bool', 'field_help', 'field_default', 'flag_type', 'add_config_flags', 'add_run_flags',
+           'config_from_flags']
 
 # %% ../nbs/00a_cli.ipynb #e57f6357
 class Parser(argparse.ArgumentParser):
@@ -49,10 +50,15 @@ def _scalar(ann: str):
     return {"str": str, "int": int, "float": float, "bool": parse_bool}.get(ann, str)
 
 
+def field_default(f: dataclasses.Field):
+    "The default of a config field (its `default`, or what its `default_factory` makes)."
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
 def flag_type(f: dataclasses.Field):
     "(argparse type, nargs) of a config field from its annotation and default: a tuple or list takes '+' values, 'none' is None where allowed."
     ann = str(f.type).replace(" ", "").split("|")
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    default = field_default(f)
     if isinstance(default, (tuple, list)):
         return (type(default[0]) if default else str), "+"
     base = _scalar(ann[0])
@@ -66,7 +72,7 @@ def add_config_flags(p: argparse.ArgumentParser, config_cls, skip: tuple = ()) -
     for f in dataclasses.fields(config_cls):
         if f.name in skip: continue
         typ, nargs = flag_type(f)
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = field_default(f)
         shown = " ".join(map(str, default)) if isinstance(default, (tuple, list)) else default
         text = f"{helps[f.name]} (default: {shown})" if f.name in helps else f"default: {shown}"
         p.add_argument(f"--{f.name}", type=typ, nargs=nargs, default=argparse.SUPPRESS, help=text.replace("%", "%%"))
@@ -84,7 +90,7 @@ def add_run_flags(p: argparse.ArgumentParser, config_cls) -> argparse.ArgumentPa
 def config_from_flags(args: dict, config_cls, default_preset: str = "toyvoc") -> tuple:
     "(config, resume) from the parsed flags of `add_run_flags` + `add_config_flags`; --preset/--config/--no-resume are popped from `args`, the rest override fields."
     preset, config, no_resume = args.pop("preset"), args.pop("config"), args.pop("no_resume")
-    tuples = {f.name for f in dataclasses.fields(config_cls) if isinstance(f.default, tuple)}
+    tuples = {f.name for f in dataclasses.fields(config_cls) if isinstance(field_default(f), tuple)}
     args = {k: tuple(v) if k in tuples else v for k, v in args.items()}
     if preset and config: raise BadInputError("give --preset or --config, not both")
     if config:

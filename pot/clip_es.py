@@ -318,7 +318,7 @@ def build_clip_cache(data_root, split: str, out, *, overwrite: bool = False, ran
     todo, bad = [], []
     for i in tqdm(idx, desc=f"check cache (rank {rank})", disable=not progress or len(idx) < 1000, leave=False):
         path, keys = cache_file(out, ds.name(i)), _keys_of(ds.labels(i))
-        state = "missing" if overwrite else _file_state(path, keys)
+        state = _file_state(path, keys)                                      # overwrite: prepare removed the file
         if state == "mismatch": bad.append((path, keys))
         elif state != "ok": todo.append(i)
     if bad: _check_keys(bad[0][0], read_clip_cam(bad[0][0])["keys"], bad[0][1], ds.classes)

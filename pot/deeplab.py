@@ -25,7 +25,7 @@ from .crf import check_crf_params, crf_inference
 from .data import IGNORE, PseudoLabels, label_png_ok, load_dataset, read_image_label, save_palette_png
 from .datasets import InferDataset, TrainDataset
 from .model import FrozenBN, build_encoder, calibrate_bn, load_imagenet_weights, read_state_dict, stage_channels
-from .runs import Run, ImageOutputs, amp_dtype, calibration_images, fit, pool_size, process_pool, score_label_files
+from .runs import Run, ImageOutputs, amp_dtype, calibration_images, fit, pool_size, process_pool, score_label_files, world_size
 from . import viz
 
 # %% auto #0
@@ -126,9 +126,8 @@ def seg_loss(logits: torch.Tensor, target: torch.Tensor, ignore: int = IGNORE) -
     target = target.long()
     valid = target != ignore
     total = F.cross_entropy(z, target, ignore_index=ignore, reduction="sum")
-    count, world = valid.sum().to(z.dtype), 1
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(count); world = dist.get_world_size()
+    count, world = valid.sum().to(z.dtype), world_size()
+    if world > 1: dist.all_reduce(count)
     return dict(loss=total * world / count.clamp_min(1.0), labelled=valid.float().mean().detach())
 
 # %% ../nbs/15_deeplab.ipynb #4e6a80cd

@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 
 from .core import (BadInputError, seed_everything, resolve_device, keep_freed_memory, save_json, load_json,
                       append_jsonl, read_jsonl, atomic_write, save_checkpoint, load_checkpoint, load_npz, env_info, check_finite)
+from .data import label_png_ok, read_image_label, save_palette_png
+from .metrics import SegEvaluator
 
 # %% auto #0
 __all__ = ['BN_CALIB_BATCHES', 'Run', 'epoch_batches', 'poly_lr', 'calibration_images', 'init_distributed', 'world_size',
@@ -38,7 +40,6 @@ class Run:
 
     def __fspath__(self) -> str: return str(self.root)
     def __repr__(self) -> str: return f"Run({str(self.root)!r})"
-    def __truediv__(self, other) -> Path: return self.root / other
 
     # layout
     @property
@@ -126,15 +127,20 @@ class Run:
             raise BadInputError(f"{self.cams_dir}: no CAM file for {len(missing)} of the {n} listed image(s) of split {ds.split!r}, "
                                 f"e.g. {missing[:5]}; run infer_cams for this split first")
 
+    def check_cam_classes(self, name: str, keys, labels) -> np.ndarray:
+        "The class indices `keys` (1..C) of image `name`'s CAM file as int64, after checking they are its multi-hot `labels` (C,)."
+        keys = np.asarray(keys).reshape(-1).astype(np.int64)
+        expected = np.flatnonzero(np.asarray(labels)) + 1
+        if not np.array_equal(np.sort(keys), expected):
+            raise BadInputError(f"{self.cam_file(name)}: CAM classes {keys.tolist()} of image {name} differ from its image labels {expected.tolist()}")
+        return keys
+
     def image_cams(self, name: str, which: str, labels, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         "(keys (n,) label indices 1..C, float32 maps (n,H,W)) of the CAM `which` of image `name`, checked against its multi-hot `labels` (C,) and `size` (H,W)."
         path = self.cam_file(name)
         if not path.is_file(): raise BadInputError(f"{path}: missing CAM file for image {name}; run infer_cams first")
         z = load_npz(path, required=("keys", which))
-        keys, maps = z["keys"].reshape(-1).astype(np.int64), z[which]
-        expected = np.flatnonzero(np.asarray(labels)) + 1
-        if not np.array_equal(np.sort(keys), expected):
-            raise BadInputError(f"{path}: CAM classes {keys.tolist()} of image {name} differ from its image labels {expected.tolist()}")
+        keys, maps = self.check_cam_classes(name, z["keys"], labels), z[which]
         if maps.shape != (len(keys), *size):
             raise BadInputError(f"{path}: CAM '{which}' of image {name} has shape {maps.shape}; expected ({len(keys)}, {size[0]}, {size[1]}) "
                                 f"(the image is {size[0]}×{size[1]})")
@@ -256,10 +262,11 @@ def fit(out, cfg, build: Callable, step_losses: Callable, *, desc: str = "train"
     run = Run(out)
     final, last = run.final_ckpt, run.last_ckpt
     try:
-        if resume and run.config_file.exists(): run.check_config(load_json(run.config_file)["config"], cfg)
+        stored = load_json(run.config_file) if resume and run.config_file.exists() else {}
+        if stored: run.check_config(stored["config"], cfg)
         if resume and final.exists():
             run.checkpoint(final, cfg)
-            if rank == 0: save_json(run.config_file, {**load_json(run.config_file), "config": cfg.to_dict()})
+            if rank == 0: save_json(run.config_file, {**stored, "config": cfg.to_dict()})
             _barrier(world)
             return run.root
         if rank == 0 and not resume:
@@ -390,7 +397,6 @@ class PerImage:
 
     def done(self, i: int, path: Path) -> bool:
         "Whether image `i`'s file is finished (default: a decodable label PNG of the image's size)."
-        from pot.data import label_png_ok
         return label_png_ok(path, self.ds.image_size(i))
 
     def write(self, i: int, path: Path) -> None: raise NotImplementedError
@@ -415,7 +421,6 @@ class LabelFromCAMs(PerImage):
     def label(self, img: np.ndarray, maps: np.ndarray, keys: np.ndarray) -> np.ndarray: raise NotImplementedError
 
     def write(self, i: int, path: Path) -> None:
-        from pot.data import save_palette_png
         name, img = self.ds.name(i), self.ds.image(i)
         keys, maps = self.run.image_cams(name, self.opts["which"], self.ds.labels(i), img.shape[:2])
         try: label = self.label(img, maps, keys)
@@ -482,8 +487,6 @@ def score_label_files(ds, folder, limit: int | None = None, unsure: str = "ignor
     """(`pot.metrics.SegEvaluator` of the label PNGs `folder/<id>.png` against the ground truth of the first `limit` images
     of `ds`, the % of labelled ground-truth pixels). 255 in a file is 'unsure': left out of the scores (`unsure='ignore'`)
     or counted as background (`'background'`); a missing file is an error with `hint`."""
-    from pot.data import read_image_label
-    from pot.metrics import SegEvaluator
     if unsure not in ("ignore", "background"): raise BadInputError(f"unsure={unsure!r}; expected 'ignore' or 'background'")
     ev, n_valid, n_labelled = SegEvaluator(ds.num_classes + 1, ds.classes), 0, 0
     for i, gt in scored_images(ds, limit, desc=desc, min_bar=50):

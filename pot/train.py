@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .core import BadInputError, POTConfig, cli_main
 from .cli import Parser, add_config_flags, add_run_flags, config_from_flags
-from .runs import Run, epoch_batches, fit, calibration_images
+from .runs import Run, calibration_images, epoch_batches, fit, world_size
 from .model import POTNet, param_groups, calibrate_bn, resize
 from .cluster import normalize_with_background
 from .activation import POTHead, pot_cams
@@ -74,7 +74,7 @@ def pot_step_losses(out: dict, labels: torch.Tensor, valid: torch.Tensor, cfg: P
                    marginal=cfg.marginal, t=cfg.t, generator=generator, valid=vgrid)
     w = pot.w
     loss_con = consistency_loss(pot.cam, A_cls, w, pot.present)
-    if dist.is_initialized() and dist.get_world_size() > 1: loss_con = loss_con * global_weight_share(w, pot.present)
+    if world_size() > 1: loss_con = loss_con * global_weight_share(w, pot.present)
     return dict(loss=loss_cls + lam * loss_con, loss_cls=loss_cls, loss_con=loss_con,
                 n_empty=pot.n_empty)   # a tensor: no host sync before backward
 
@@ -141,7 +141,7 @@ def train(cfg: POTConfig, resume: bool = True) -> Path:
         model.to(device, memory_format=torch.channels_last)   # NHWC: see 'Cost' in 10_train
         if start is None and cfg.pretrained is None and cfg.freeze_stem_bn:
             calibrate_bn(model, calibration_images(tds, cfg, device))
-        if not cfg.freeze_stem_bn and device.type == "cuda" and dist.is_initialized() and dist.get_world_size() > 1:
+        if not cfg.freeze_stem_bn and device.type == "cuda" and world_size() > 1:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)   # same parameters and buffers
         return model, make_optimizer(model, cfg), tds
 
