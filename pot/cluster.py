@@ -148,16 +148,16 @@ def kmeanspp_init(X: torch.Tensor, omega: torch.Tensor, u: torch.Tensor, dup_tol
 
 # %% ../nbs/05_cluster.ipynb #90735876
 def _reseed_empty(assign, best, omega, valid, counts, dup_tol):
-    "Move the members farthest from their centroid (from clusters with >= 2 members) into empty valid clusters."
-    K = valid.shape[-1]
+    "Move the members farthest from their centroid (from clusters with >= 2 members) into the empty valid clusters: the j-th empty cluster takes the j-th farthest member."
+    K, M = valid.shape[-1], assign.shape[-1]
     empty = valid & (counts == 0)
     cnt_pt = counts.gather(-1, assign.clamp_min(0))
     dist = torch.where(omega & (cnt_pt >= 2), 1 - best, torch.full_like(best, -1.0))
     order = torch.sort(dist, dim=-1, descending=True, stable=True).indices
-    pick = order.gather(-1, (empty.cumsum(-1) - 1).clamp_min(0))                        # (N, G, K)
+    pick = order.gather(-1, (empty.cumsum(-1) - 1).clamp_min(0))                        # (N, G, K): distinct for distinct empty k
     ok = empty & (dist.gather(-1, pick) > dup_tol)
-    src = torch.where(ok, torch.arange(K, device=assign.device).expand_as(pick), assign.gather(-1, pick))
-    return assign.scatter(-1, pick, src)
+    hit = ok[..., None] & (pick[..., None] == torch.arange(M, device=assign.device))    # (N, G, K, M): one k at most per member
+    return torch.where(hit.any(-2), (hit * torch.arange(K, device=assign.device)[:, None]).sum(-2), assign)
 
 
 def _cluster_sums(X, assign, omega, K, which, sparse=True):
