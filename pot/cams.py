@@ -19,7 +19,7 @@ from .runs import Run, ImageOutputs, scored_images
 from .cluster import normalize_with_background
 from .activation import pot_cams
 from .data import load_dataset
-from .datasets import InferDataset
+from .datasets import InferDataset, magnification
 from .metrics import CAMEvaluator
 from . import viz
 
@@ -53,8 +53,10 @@ def _unflip(x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def batch_cams(model, imgs: list, labels: torch.Tensor, size: tuple, cfg: POTConfig, seeds: torch.Tensor | None = None,
-               Ks: tuple = (1,), generator: torch.Generator | None = None) -> dict:
-    """Multi-scale + flip CAMs of B images of one size. `imgs`: per scale a (B,2,3,h,w) batch [image, flipped];
+               Ks: tuple = (1,), generator: torch.Generator | None = None, pot_imgs: list | None = None) -> dict:
+    """Multi-scale + flip CAMs of B images of one size. `imgs`: per scale of `cfg.cam_scales` a (B,2,3,h,w) batch
+    [image, flipped]; `pot_imgs`: the same per scale of `cfg.pot_scales` where POT's features come from other inputs
+    than the CAM's (an image magnified for the CAM, `scale_reference`), None: the CAM's inputs at those scales;
     `labels` (B,C) multi-hot; `seeds` optional (B,C,H,W) seed maps (CLIP-ES) at image size.
     Returns dict of (B,C,H,W) maps in [0,1], zero for absent classes: cls, pot (K = cfg.K), pot_k<K> for K in Ks."""
     if (labels.sum(1) == 0).any(): raise BadInputError("batch_cams: an image has no present class; expected at least one label")
@@ -62,7 +64,12 @@ def batch_cams(model, imgs: list, labels: torch.Tensor, size: tuple, cfg: POTCon
     labels = labels.to(dev)
     present = labels[..., None, None] > 0
     if len(imgs) != len(cfg.cam_scales): raise BadInputError(f"batch_cams: {len(imgs)} image scales; expected cam_scales={cfg.cam_scales}")
-    outs = [model(x.flatten(0, 1).to(dev), features=s in cfg.pot_scales) for s, x in zip(cfg.cam_scales, imgs)]
+    if pot_imgs is not None and len(pot_imgs) != len(cfg.pot_scales):
+        raise BadInputError(f"batch_cams: {len(pot_imgs)} POT input scales; expected pot_scales={cfg.pot_scales}")
+    shared = pot_imgs is None                                                     # POT's features from the CAM's passes
+    outs = [model(x.flatten(0, 1).to(dev), features=shared and s in cfg.pot_scales) for s, x in zip(cfg.cam_scales, imgs)]
+    feats = [o["F"] for o in outs if "F" in o] if shared else \
+            [model(x.flatten(0, 1).to(dev), features=True)["F"] for x in pot_imgs]
     cls = sum(F.interpolate(o["cams"].float(), size=size, mode="bilinear", align_corners=False) for o in outs)
     cls = max_normalize(_unflip(cls)) * present                                   # (B,C,H,W)
     seeds = cls if seeds is None else seeds.to(dev)                               # classifier seed: the fused classifier CAM
@@ -70,8 +77,8 @@ def batch_cams(model, imgs: list, labels: torch.Tensor, size: tuple, cfg: POTCon
     res = {"cls": cls}
     for k in dict.fromkeys((cfg.K, *Ks)):
         acc = 0
-        for o in (o for o in outs if "F" in o):
-            f = o["F"].float()
+        for f in feats:
+            f = f.float()
             s = F.interpolate(seeds, size=f.shape[-2:], mode="bilinear", align_corners=False)
             s = torch.stack([s, s.flip(-1)], 1).flatten(0, 1)                      # the flipped copy sees a flipped seed
             out = pot_cams(f, normalize_with_background(s, lab2), lab2, tau=cfg.tau, K=k, eps=cfg.eps, rho=cfg.rho,
@@ -82,7 +89,7 @@ def batch_cams(model, imgs: list, labels: torch.Tensor, size: tuple, cfg: POTCon
     return res
 
 # %% ../nbs/11_cams.ipynb #58754126
-CAM_SETTINGS = ("cam_scales", "pot_scales", "beta_fuse", "tau", "K", "eps", "rho", "marginal", "t", "seed_source", "seed_dir",
+CAM_SETTINGS = ("cam_scales", "pot_scales", "scale_reference", "beta_fuse", "tau", "K", "eps", "rho", "marginal", "t", "seed_source", "seed_dir",
                 "seed")
 
 
@@ -109,7 +116,8 @@ def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, 
     keep_freed_memory()
     split = split or cfg.eval_split
     ds = load_dataset(cfg.dataset, data_root or cfg.data_root, split)
-    inf = InferDataset(ds, scales=cfg.cam_scales)
+    inf = InferDataset(ds, scales=cfg.cam_scales, reference=cfg.scale_reference)
+    pot_inf = InferDataset(ds, scales=cfg.pot_scales)           # POT's features: the image at the scale it trained at
     seeds = None
     if cfg.seed_source == "clip-es":
         from pot.clip_es import load_seed_cam
@@ -130,7 +138,11 @@ def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, 
             imgs = [torch.stack([it["imgs"][j] for it in items]) for j in range(len(inf.scales))]
             labels = torch.stack([torch.as_tensor(it["label"]) for it in items]).float()
             seed = torch.stack([seeds(i, size) for i in chunk]) if seeds is not None else None
-            m = batch_cams(model, imgs, labels, size, cfg, seeds=seed, Ks=Ks, generator=g)
+            pot_imgs = None
+            if magnification(size, cfg.scale_reference) != 1:
+                pot_items = [pot_inf[i] for i in chunk]
+                pot_imgs = [torch.stack([it["imgs"][j] for it in pot_items]) for j in range(len(pot_inf.scales))]
+            m = batch_cams(model, imgs, labels, size, cfg, seeds=seed, Ks=Ks, generator=g, pot_imgs=pot_imgs)
             final = fuse_with_clip(seed.to(m["pot"].device), m["pot"], cfg.beta_fuse) if seed is not None else m["pot"]
             for b, i in enumerate(chunk):
                 keys = labels[b].nonzero().flatten().to(m["pot"].device)

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PAPER_CAM_SCALES', 'BadInputError', 'cli_main', 'at_least_float32', 'float32_no_autocast', 'check_finite',
-           'JSONConfig', 'POTConfig', 'seed_everything', 'resolve_device', 'keep_freed_memory', 'atomic_write',
-           'save_json', 'load_json', 'append_jsonl', 'read_jsonl', 'save_npz', 'load_npz', 'save_checkpoint',
-           'file_sha256', 'load_checkpoint', 'git_commit', 'env_info']
+__all__ = ['PAPER_CAM_SCALES', 'PAPER_IMAGE_SIZE', 'BadInputError', 'cli_main', 'at_least_float32', 'float32_no_autocast',
+           'check_finite', 'JSONConfig', 'POTConfig', 'seed_everything', 'resolve_device', 'keep_freed_memory',
+           'atomic_write', 'save_json', 'load_json', 'append_jsonl', 'read_jsonl', 'save_npz', 'load_npz',
+           'save_checkpoint', 'file_sha256', 'load_checkpoint', 'git_commit', 'env_info']
 
 # %% ../nbs/00_core.ipynb #421e819a
 class BadInputError(ValueError):
@@ -87,13 +87,15 @@ class JSONConfig:
 
 
 PAPER_CAM_SCALES = (1.0, 0.5, 1.5, 2.0)   # METHOD.md §5; the CPU demo drops 2.0 ('The CPU budget' in 00_core)
+PAPER_IMAGE_SIZE = 500                    # long side (px) of the VOC images the paper's scales are relative to ('The paper's regime')
 
 
 @dataclass
 class POTConfig(JSONConfig):
     "Every parameter of a POT run, named as in METHOD.md / DESIGN.md; defaults are the CPU ToyVOC demo."
     # a run folder may be moved, and inference settings change CAMs, not the network; the compiled head computes what the eager one does
-    RUNTIME: ClassVar[tuple] = (*JSONConfig.RUNTIME, "eval_split", "cam_scales", "pot_scales", "beta_fuse", "compile_head")
+    RUNTIME: ClassVar[tuple] = (*JSONConfig.RUNTIME, "eval_split", "cam_scales", "pot_scales", "scale_reference", "beta_fuse",
+                             "compile_head")
     # data
     dataset: str = "toyvoc"          # voc | coco | toyvoc (any VOC-layout folder with classes.txt works as 'voc')
     data_root: str = "data/toyvoc"   # the dataset folder (VOC layout)
@@ -134,8 +136,9 @@ class POTConfig(JSONConfig):
     ckpt_every: int = 50             # steps between resumable checkpoints (ckpt/last.pt)
     log_every: int = 10              # steps between lines of metrics.jsonl
     num_workers: int = 0             # DataLoader worker processes
-    cam_scales: tuple = (1.0, 0.5, 1.5)    # scales of CAM inference, each with its flip (voc/coco presets: PAPER_CAM_SCALES)
-    pot_scales: tuple = (1.0,)       # the scales of cam_scales at which POT refines at inference (11_cams)
+    cam_scales: tuple = (1.0, 0.5)   # scales of CAM inference, each with its flip, relative to scale_reference (voc/coco presets: PAPER_CAM_SCALES)
+    pot_scales: tuple = (1.0,)       # the scales of cam_scales at which POT refines at inference, on the image at its own size (11_cams)
+    scale_reference: int | None = PAPER_IMAGE_SIZE   # long side (px) the scales are relative to: a smaller image is magnified to it first; None: the image itself
     seed: int = 0                    # seed of the data order, the augmentation and the k-means draws
     device: str = "auto"             # auto | cpu | cuda
 
@@ -159,6 +162,8 @@ class POTConfig(JSONConfig):
             if getattr(self, name) < 1: raise BadInputError(f"POTConfig.{name}={getattr(self, name)}; expected an integer >= 1")
         if self.grad_clip is not None and self.grad_clip <= 0:
             raise BadInputError(f"POTConfig.grad_clip={self.grad_clip}; expected a positive number or None (no clipping)")
+        if self.scale_reference is not None and self.scale_reference < 1:
+            raise BadInputError(f"POTConfig.scale_reference={self.scale_reference}; expected a long side in pixels >= 1, or None")
         self.cam_scales = tuple(float(s) for s in self.cam_scales)
         self.pot_scales = tuple(float(s) for s in self.pot_scales)
         if not self.pot_scales or not set(self.pot_scales) <= set(self.cam_scales):

@@ -16,7 +16,7 @@ from .data import IGNORE, IMAGENET_MEAN, IMAGENET_STD, VOCLayout
 
 # %% auto #0
 __all__ = ['normalize_image', 'denormalize_image', 'resize_chw', 'random_geometry', 'apply_geometry', 'TrainDataset',
-           'InferDataset']
+           'magnification', 'InferDataset']
 
 # %% ../nbs/01a_datasets.ipynb #8e03d84e
 def normalize_image(img: np.ndarray) -> torch.Tensor:
@@ -106,19 +106,25 @@ class TrainDataset(torch.utils.data.Dataset):
         return item
 
 # %% ../nbs/01a_datasets.ipynb #4115fc55
+def magnification(hw: tuple[int, int], reference: int | None) -> float:
+    "How much an image of size `hw` is enlarged before the inference scales apply: `reference / long side`, never below 1 (None: 1)."
+    return 1.0 if reference is None else max(1.0, reference / max(hw))
+
+
 class InferDataset(torch.utils.data.Dataset):
-    "Multi-scale + flipped, normalised copies of each image of a `VOCLayout`, for CAM inference."
-    def __init__(self, ds: VOCLayout, scales: Sequence[float] = PAPER_CAM_SCALES):
+    "Multi-scale + flipped, normalised copies of each image of a `VOCLayout`, for CAM inference; `scales` relative to a long side of `reference` px (`magnification`)."
+    def __init__(self, ds: VOCLayout, scales: Sequence[float] = PAPER_CAM_SCALES, reference: int | None = None):
         if not scales or any(s <= 0 for s in scales): raise BadInputError(f"scales={scales}; expected positive numbers")
-        self.ds, self.scales = ds, tuple(float(s) for s in scales)
+        self.ds, self.scales, self.reference = ds, tuple(float(s) for s in scales), reference
 
     def __len__(self) -> int: return len(self.ds)
 
     def __getitem__(self, i: int) -> dict:
         x = normalize_image(self.ds.image(i))
         H, W = x.shape[-2:]
+        r = magnification((H, W), self.reference)
         imgs = []
-        for s in self.scales:
+        for s in (s * r for s in self.scales):
             xs = resize_chw(x, (max(1, round(H * s)), max(1, round(W * s))))
             imgs.append(torch.stack([xs, xs.flip(-1)]))
         return dict(imgs=imgs, label=torch.from_numpy(self.ds.labels(i)), index=i, name=self.ds.name(i), size=(H, W))

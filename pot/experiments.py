@@ -63,19 +63,21 @@ def run_stage(name: str, notebook, run_dir, params: dict, force: bool = False, p
     nb_path = Path(notebook)
     nb_abs = nb_path if nb_path.is_absolute() else root / nb_path
     if not nb_abs.is_file(): raise BadInputError(f"{nb_abs}: notebook not found")
-    unknown = set(params) - set(notebook_parameters(nb_abs))
+    defaults = notebook_parameters(nb_abs)
+    unknown = set(params) - set(defaults)
     if unknown: raise BadInputError(f"{notebook}: no parameter(s) {sorted(unknown)} in its parameters cell")
+    effective = {**defaults, **params}                     # what the notebook runs with: a changed default is a change
     rec_path = stage_record(run_dir, name)
     if not force and rec_path.is_file():
         rec = load_json(rec_path)
-        if _same(rec, str(notebook), params): return dict(rec, skipped=True)
+        if _same(rec, str(notebook), effective): return dict(rec, skipped=True)
     import papermill as pm
     out_nb = Path(run_dir) / f"{name}.ipynb"
     out_nb.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     pm.execute_notebook(str(nb_abs), str(out_nb), parameters=params, kernel_name="python3", cwd=str(root),
                         progress_bar=progress, stdout_file=sys.stdout if echo else None, stderr_file=sys.stderr if echo else None)
-    rec = dict(stage=name, notebook=str(notebook), parameters=json.loads(json.dumps(params)),
+    rec = dict(stage=name, notebook=str(notebook), parameters=json.loads(json.dumps(effective)),
                output=str(out_nb), wall_s=round(time.perf_counter() - t0, 1),
                finished=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     save_json(rec_path, rec)
@@ -117,7 +119,8 @@ SWEPT = ("tau", "K", "marginal", "rho", "lambda_con", "seed")   # parameters rep
 
 # the reduced setting of the experiment notebooks' `quick=True`: small ToyVOC, one short epoch
 QUICK_BASE = dict(data_root="data/toyvoc_quick", toyvoc=dict(n_train=32, n_val=8, size=96), epochs=1, batch_size=8,
-                  crop=64, feature_stride=8, cam_scales=[1.0, 0.5], pot_scales=[1.0], log_every=2)
+                  crop=64, feature_stride=8, cam_scales=[1.0, 0.5], pot_scales=[1.0], scale_reference=192,
+                  log_every=2)
 QUICK_SEGMENTATION = dict(epochs=1, crop=64, batch_size=8, test_scales=[1.0], log_every=2)   # segmentation.ipynb's
 
 
