@@ -17,9 +17,11 @@ from .core import BadInputError, load_json, read_jsonl, save_json
 from .runs import Run
 
 # %% auto #0
-__all__ = ['SWEPT', 'QUICK_BASE', 'QUICK_SEGMENTATION', 'SEED_ROWS', 'repo_root', 'notebook_parameters', 'stage_record',
-           'run_stage', 'stage_table', 'point_name', 'ablation_points', 'train_seconds', 'run_train_points',
-           'seed_table', 'is_allocation_point', 'plot_ablation', 'cost_table', 'markdown_table']
+__all__ = ['SWEPT', 'QUICK_BASE', 'QUICK_SEGMENTATION', 'SEED_ROWS', 'PAIRED_ROWS', 'PIPELINE_ARMS', 'QUICK_PSEUDO',
+           'PIPELINE_COLUMNS', 'repo_root', 'notebook_parameters', 'stage_record', 'run_stage', 'stage_table',
+           'point_name', 'ablation_points', 'train_seconds', 'run_train_points', 'point_row', 'seed_table',
+           'precision_recall_table', 'is_allocation_point', 'plot_ablation', 'cost_table', 'markdown_table',
+           'pipeline_arm', 'pipeline_seed_table']
 
 # %% ../nbs/16_experiments.ipynb #c6a30317
 def repo_root() -> Path:
@@ -134,27 +136,51 @@ def run_train_points(points: list[dict], out_root, base: dict | None = None, not
         shared = Path(out_root) / f"baseline_seed{p.get('seed', 0)}"
         rec = run_stage("train", notebook, run, {**(base or {}), **p, "out_dir": str(run), "baseline_dir": str(shared)},
                         progress=False)
-        m, c = Run(run).metrics()["cam_miou"], Run(run).stored()["config"]
-        rows.append(dict(point=point_name(p), **{k: c[k] for k in SWEPT}, baseline=m["baseline"], classifier=m["classifier"],
-                         pot_k1=m["pot_k1"], pot=m["pot"],
-                         train_s=round(train_seconds(run), 1), stage_s=rec["wall_s"], reused=rec["skipped"], run=str(run)))
+        rows.append(dict(point=point_name(p), **point_row(run), stage_s=rec["wall_s"], reused=rec["skipped"]))
     return pd.DataFrame(rows)
 
 
 SEED_ROWS = {"baseline": "baseline (classifier CAM, no L_con)", "classifier": "classifier CAM of the POT network",
-             "pot_k1": "POT, K=1", "pot": "POT (K=3)"}
+             "pot_k1": "POT, K=1", "pot": "POT (K=3)", "baseline_pot": "POT at inference on the baseline network"}
+PAIRED_ROWS = {"POT − baseline (paired)": ("pot", "baseline"), "POT K=3 − K=1": ("pot", "pot_k1"),
+               "POT network's classifier − baseline": ("classifier", "baseline"),
+               "POT: POT network − baseline network (what L_con adds)": ("pot", "baseline_pot")}
 
 
-def seed_table(df: pd.DataFrame, rows: dict = SEED_ROWS) -> pd.DataFrame:
-    "CAM mIoU per seed, mean and sd (over seeds, n−1) of the sweep rows `df` of one point; plus POT − baseline, paired by seed."
-    d = df.set_index("seed").sort_index()
-    if d.index.has_duplicates: raise BadInputError(f"seed_table: several rows per seed ({d.index.tolist()}); pass the rows of one point")
-    t = pd.DataFrame({name: d[col] for col, name in rows.items()}).T
-    t.loc["POT − baseline (paired)"] = d["pot"] - d["baseline"]
-    t.columns = [f"seed {s}" for s in t.columns]
+def point_row(run) -> dict:
+    "One run of a sweep as a table row: its swept parameters, the CAM mIoU, mean precision and recall of every map (`SEED_ROWS`), training time."
+    m, c = Run(run).metrics(), Run(run).stored()["config"]
+    ev = {k: m["cam_eval"][k] for k in SEED_ROWS if k in m["cam_eval"]}
+    return dict(**{k: c[k] for k in SWEPT}, **{k: e["miou"] for k, e in ev.items()},
+                **{f"{k}_precision": e["mprecision"] for k, e in ev.items()}, **{f"{k}_recall": e["mrecall"] for k, e in ev.items()},
+                train_s=round(train_seconds(run), 1), run=str(run))
+
+
+def _mean_sd(t: pd.DataFrame) -> pd.DataFrame:
+    "`t` with columns 'seed <s>', plus their mean and sd (n−1)."
     per_seed = t.copy()
     t["mean"], t["sd"] = per_seed.mean(1), per_seed.std(1, ddof=1) if per_seed.shape[1] > 1 else float("nan")
-    return t.round(2)
+    return t
+
+
+def seed_table(df: pd.DataFrame, rows: dict = SEED_ROWS, paired: dict = PAIRED_ROWS, value: str = "") -> pd.DataFrame:
+    """CAM mIoU per seed (`value='_precision'` / `'_recall'`: mean precision / recall), mean and sd (over seeds, n−1) of
+    the sweep rows `df` of one point; plus the `paired` differences, seed by seed (mIoU only)."""
+    d = df.set_index("seed").sort_index()
+    if d.index.has_duplicates: raise BadInputError(f"seed_table: several rows per seed ({d.index.tolist()}); pass the rows of one point")
+    t = pd.DataFrame({name: d[col + value] for col, name in rows.items() if col + value in d}).T
+    if not value:
+        for name, (a, b) in paired.items():
+            if a in d and b in d: t.loc[name] = d[a] - d[b]
+    t.columns = [f"seed {s}" for s in t.columns]
+    return _mean_sd(t).round(2)
+
+
+def precision_recall_table(df: pd.DataFrame, rows: dict = SEED_ROWS) -> pd.DataFrame:
+    "Mean ± sd over seeds of the CAM mIoU, mean precision and mean recall of every map of one point (the rows of `df`)."
+    ts = {label: seed_table(df, rows, paired={}, value=v) for v, label in (("", "mIoU"), ("_precision", "precision"), ("_recall", "recall"))}
+    return pd.DataFrame({label: [f"{m:.1f} ± {s:.1f}" for m, s in zip(t["mean"], t["sd"])] for label, t in ts.items()},
+                        index=ts["mIoU"].index)
 
 # %% ../nbs/16_experiments.ipynb #38b9c4ce
 def is_allocation_point(df: pd.DataFrame) -> pd.Series:
@@ -203,3 +229,38 @@ def markdown_table(df: pd.DataFrame, digits: int = 1) -> str:
     lines = ["| " + " | ".join(map(str, d.columns)) + " |", "|" + "---|" * len(d.columns)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in d.itertuples(index=False)]
     return "\n".join(lines)
+
+# %% ../nbs/16_experiments.ipynb #p2pe5eed
+PIPELINE_ARMS = {"baseline": "cls", "pot": "final"}      # the CAM each arm's pseudo labels are made from
+QUICK_PSEUDO = dict(irn_overrides=dict(epochs=1, crop=64, batch_size=8))    # pseudo_labels.ipynb's, for quick=True
+
+
+def pipeline_arm(run_dir, which: str, seg_labels: str = "crf", pseudo: dict | None = None,
+                 segmentation: dict | None = None) -> dict:
+    "Stages 3–4 for one arm: CRF and IRN pseudo labels from the CAM `which` of `run_dir`, DeepLab on the `seg_labels` ones; their mIoU."
+    if seg_labels not in ("crf", "irn"): raise BadInputError(f"seg_labels={seg_labels!r}; expected 'crf' or 'irn'")
+    run = Run(run_dir)
+    cfg = run.stored()["config"]
+    out = {}
+    for method in ("crf", "irn"):
+        run_stage(f"pseudo_labels_{method}", "nbs/pseudo_labels.ipynb", run.root,
+                  {"run_dir": str(run.root), "method": method, "which": which, **(pseudo or {})}, progress=False)
+        out[method] = run.metrics()["pseudo_label_miou"][method]
+    seg = {"dataset": cfg["dataset"], "data_root": cfg["data_root"], "label_dir": str(run.labels_dir(seg_labels)),
+           "out_dir": str(run.root / "segmentation"), "pretrained": str(run.final_ckpt), "seed": cfg["seed"], **(segmentation or {})}
+    run_stage("segmentation", "nbs/segmentation.ipynb", run.root, seg, progress=False)
+    m = Run(run.root / "segmentation").metrics()
+    out["seg"] = m["seg_miou"].get("crf", m["seg_miou"].get("raw"))
+    return out
+
+
+PIPELINE_COLUMNS = {"cam": "CAM (train)", "crf": "CRF labels (train)", "irn": "IRN labels (train)", "seg": "DeepLab (val)"}
+
+
+def pipeline_seed_table(results: dict) -> pd.DataFrame:
+    "{seed: {arm: {cam, crf, irn, seg}}} → mIoU of both arms and POT − baseline (paired) per stage, by seed, with mean and sd."
+    t = {}
+    for key, name in PIPELINE_COLUMNS.items():
+        for arm in PIPELINE_ARMS: t[f"{name}: {arm}"] = {f"seed {s}": r[arm][key] for s, r in results.items()}
+        t[f"{name}: POT − baseline"] = {f"seed {s}": r["pot"][key] - r["baseline"][key] for s, r in results.items()}
+    return _mean_sd(pd.DataFrame(t).T).round(2)
