@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test check-sync nbtest pytest export demo seeds seeds-photo docs pipeline ablation cost figures segmentation bench-deeplab bench-gpu
+.PHONY: venv test check-sync nbtest pytest export demo seeds seeds-photo pipeline-seeds pipeline-seeds-photo docs pipeline ablation cost figures segmentation bench-deeplab bench-gpu
 
 venv: $(STAMP)
 
@@ -47,11 +47,26 @@ seeds: venv
 	cat outputs/seeds/seeds.md
 
 ## the same on the second benchmark (other classes on photographs, 02_toyvoc's PHOTO_TOYVOC) in data/photovoc
+PHOTO := -p data_root data/photovoc -y "{base: {toyvoc: {classes: [tree, umbrella, cup, lamp, kite], background: photos, seed: 1}}}"
 seeds-photo: venv
 	mkdir -p outputs/seeds_photovoc
 	$(BIN)/papermill nbs/ablation.ipynb outputs/seeds_photovoc/ablation.ipynb -k python3 --cwd . --log-output -p out_root outputs/seeds_photovoc \
-	  -p data_root data/photovoc $(SEEDS_GRID) -y "{base: {toyvoc: {classes: [tree, umbrella, cup, lamp, kite], background: photos, seed: 1}}}" $(ARGS)
+	  $(PHOTO) $(SEEDS_GRID) $(ARGS)
 	cat outputs/seeds_photovoc/seeds.md
+
+## both arms of `make seeds` through CRF and IRN pseudo labels and DeepLab, seeds 0, 1, 2, paired (reuses make seeds' runs)
+pipeline-seeds: venv
+	mkdir -p outputs/pipeline_seeds
+	$(BIN)/papermill nbs/pipeline_seeds.ipynb outputs/pipeline_seeds/pipeline_seeds.ipynb -k python3 --cwd . --log-output \
+	  -p out_root outputs/pipeline_seeds -p train_root outputs/seeds $(ARGS)
+	cat outputs/pipeline_seeds/pipeline_seeds.md
+
+## the same on the photo benchmark (reuses make seeds-photo's runs)
+pipeline-seeds-photo: venv
+	mkdir -p outputs/pipeline_seeds_photovoc
+	$(BIN)/papermill nbs/pipeline_seeds.ipynb outputs/pipeline_seeds_photovoc/pipeline_seeds.ipynb -k python3 --cwd . --log-output \
+	  -p out_root outputs/pipeline_seeds_photovoc -p train_root outputs/seeds_photovoc $(PHOTO) $(ARGS)
+	cat outputs/pipeline_seeds_photovoc/pipeline_seeds.md
 
 ## the documentation site, built from the notebooks into _docs/ (Quarto when on PATH, else nbconvert); README.md is left alone
 docs: venv

@@ -23,7 +23,8 @@ MAPS = {"classifier": "classifier CAM", "pot_k1": "POT, K=1", "pot": "POT (K=3)"
 
 
 def snapshot(tag: str, roots: list[str]) -> Path:
-    out = {}
+    path = HERE / "regime" / f"{tag}.json"
+    out = json.loads(path.read_text()) if path.is_file() else {}          # runs of other roots snapshotted earlier stay
     for root in roots:
         for m in sorted(Path(root).glob("*/metrics.json")):
             metrics = json.loads(m.read_text())
@@ -33,7 +34,6 @@ def snapshot(tag: str, roots: list[str]) -> Path:
                                       settings=metrics["cam_settings"],
                                       cams={k: {f: round(v[f], 3) for f in ("miou", "best_threshold", "mprecision", "mrecall")}
                                             for k, v in metrics["cam_eval"].items() if k in MAPS})
-    path = HERE / "regime" / f"{tag}.json"
     path.parent.mkdir(exist_ok=True)
     path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n")
     print(f"{len(out)} runs -> {path}")
