@@ -5,7 +5,7 @@ PY    := $(VENV)/bin/python
 BIN   := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test check-sync nbtest pytest export demo seeds seeds-photo pipeline-seeds pipeline-seeds-photo docs pipeline ablation cost figures segmentation bench-deeplab bench-gpu
+.PHONY: venv test check-sync nbtest pytest export demo seeds seeds-photo pipeline-seeds pipeline-seeds-photo docs pipeline ablation cost figures segmentation bench-deeplab bench-gpu gpu-wheels
 
 venv: $(STAMP)
 
@@ -105,3 +105,7 @@ bench-deeplab: venv
 ## on a CUDA machine: POT step (network vs head, eager vs compiled), CLIP-ES, DeepLabV2 step, peak memory -> bench-gpu/gpu.json (POT_BENCH_CPU=1: tiny CPU run)
 bench-gpu:
 	bash bench/gpu.sh
+
+## the wheels the lent GPU machine lacks (open_clip_torch, ftfy, wcwidth) into .wheels/, carried by the device call (bench/README.md)
+gpu-wheels:
+	bash bench/gpu_wheels.sh

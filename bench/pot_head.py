@@ -240,36 +240,71 @@ def op_counts(fn, device) -> dict:
     return out
 
 
-def static_paths(args, device, F, S, labels, kw) -> dict:
-    "Eager vs compiled POTHead (the GPU path) on the same inputs: times, compile time, op counts, agreement."
+# the GPU-path variants `--static` can name: POTHead's arguments
+STATIC = {"eager-all": ("static eager, all C+1 slots", dict(compile=False, slots=None)),
+          "eager": ("static eager", dict(compile=False)),
+          "eager-check8": ("static eager, check_every=8", dict(compile=False, check_every=8)),
+          "compiled-all": ("static compiled, all C+1 slots", dict(compile=True, slots=None)),
+          "compiled": ("static compiled", dict(compile=True)),
+          "compiled-check8": ("static compiled, check_every=8", dict(compile=True, check_every=8)),
+          "cudagraphs": ("static compiled, CUDA graphs", dict(compile=True, mode="reduce-overhead")),
+          "cudagraphs-check8": ("static compiled, check_every=8, CUDA graphs", dict(compile=True, check_every=8, mode="reduce-overhead"))}
+
+
+def _fail_here(variant):
+    "Raise if POT_BENCH_FAIL names `pot-head` or `pot-head:<part of this variant's name>` (the test of partial results)."
+    for item in filter(None, os.environ.get("POT_BENCH_FAIL", "").split(",")):
+        sec, _, var = item.partition(":")
+        if sec == "pot-head" and var and var in variant: raise RuntimeError(f"POT_BENCH_FAIL={item}: failing on purpose")
+
+
+def static_paths(args, device, F, S, labels, kw, res=None, save=lambda: None) -> dict:
+    "The POTHead variants `args.static` (the GPU path) on the same inputs: times, compile time, op counts, agreement; `save()` after each."
     if device.type == "cpu":
         import torch._inductor.config as ic
         ic.cpp.enable_kernel_profile = True               # compiled C++ kernels show up in the profiler, to be counted
-    res = {}
-    heads = {"static eager": POTHead(compile=False)}
-    if not args.no_compile: heads["static compiled"] = POTHead(compile=True, **({"mode": args.compile_mode} if args.compile_mode else {}))
+    res = {} if res is None else res
+    names = [v for v in args.static.split(",") if v]
+    if args.no_compile: names = [v for v in names if not STATIC[v][1]["compile"]]
+    if device.type != "cuda": names = [v for v in names if "cudagraphs" not in v]
+    heads = {}
+    for v in names:
+        label, hkw = STATIC[v]
+        if hkw["compile"] and args.compile_mode and "mode" not in hkw: hkw = dict(hkw, mode=args.compile_mode)
+        heads[label] = POTHead(**hkw)
     Fg = F.clone().requires_grad_(True)
-    def fwd(h): return lambda: h(Fg, S, labels, **kw)      # with grad enabled: the training graph, no recompile
+    host = labels.cpu()
+    def call(h):
+        if "CUDA graphs" in next(k for k, v in heads.items() if v is h): torch.compiler.cudagraph_mark_step_begin()
+        return h(Fg, S, labels, host_labels=host, **kw)
+    def fwd(h): return lambda: call(h)                     # with grad enabled: the training graph, no recompile
     def fwd_bwd(h):
         def run():
             Fg.grad = None
-            h(Fg, S, labels, **kw).cam.sum().backward()
+            call(h).cam.sum().backward()
         return run
     ref = None
     for name, h in heads.items():
         r = res[name] = {}
-        t0 = time.perf_counter()
-        fwd_bwd(h)()                                      # compiles forward and backward (first call)
-        if device.type == "cuda": torch.cuda.synchronize()
-        r["first_call_s"] = time.perf_counter() - t0
-        r["forward"] = timed(fwd(h), device, args.reps)
-        out = h(Fg, S, labels, **kw)
-        r["forward_backward"] = timed(fwd_bwd(h), device, args.reps)
-        r["counts_forward"] = op_counts(fwd(h), device)
-        r["counts_forward_backward"] = op_counts(fwd_bwd(h), device)
-        r["n_iter_kmeans"], r["n_iter_sinkhorn"] = int(out.n_iter_kmeans), int(out.n_iter_sinkhorn)
-        if ref is None: ref = out
-        else: r["max_abs_cam_vs_eager"] = float((out.cam - ref.cam).detach().abs().max())
+        try:
+            _fail_here(name)
+            t0 = time.perf_counter()
+            fwd_bwd(h)()                                      # compiles forward and backward (first call)
+            if device.type == "cuda": torch.cuda.synchronize()
+            r["first_call_s"] = time.perf_counter() - t0
+            r["forward"] = timed(fwd(h), device, args.reps)
+            out = call(h)
+            r["n_iter_kmeans"], r["n_iter_sinkhorn"] = int(out.n_iter_kmeans), int(out.n_iter_sinkhorn)
+            cam = out.cam.detach().clone()
+            if ref is None: ref = cam
+            else: r["max_abs_cam_vs_first"] = float((cam - ref).abs().max())
+            r["forward_backward"] = timed(fwd_bwd(h), device, args.reps)
+            r["counts_forward"] = op_counts(fwd(h), device)
+            r["counts_forward_backward"] = op_counts(fwd_bwd(h), device)
+        except Exception as e:                            # one variant failing keeps the others
+            r["error"] = f"{type(e).__name__}: {e}"[:500]
+            print(f"    {name}: FAILED {r['error']}", flush=True)
+        save()
     return res
 
 
@@ -290,6 +325,8 @@ def main(argv=None):
     p.add_argument("--no-static", action="store_true", help="skip the GPU path (POTHead eager and compiled)")
     p.add_argument("--no-compile", action="store_true", help="time the GPU path eager only")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for POTHead (default: inductor's default)")
+    p.add_argument("--static", default="eager-all,eager,eager-check8,compiled,compiled-check8,cudagraphs",
+                   help="the GPU-path variants, comma-separated, of: " + ", ".join(STATIC) + " (CUDA graphs: CUDA only)")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--tiny", action="store_true", help="tiny sizes and iteration counts: a smoke test in seconds")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -320,6 +357,12 @@ def main(argv=None):
                             batch=args.batch, classes=args.classes, present=args.present, K=args.K, D=args.D, grid=args.grid,
                             kmeans_iter=args.kmeans_iter, sinkhorn_iter=args.sinkhorn_iter, torch=torch.__version__),
                layouts={})
+    def save():                                    # after every variant: a later failure or time-out keeps these numbers
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as f: json.dump(res, f, indent=1)
+            os.replace(tmp, args.json)
+    save()
     for layout in args.layouts.split(","):
         Fl = F.contiguous(memory_format=torch.channels_last) if layout == "channels-last" else F.contiguous()
         r = res["layouts"][layout] = {}
@@ -348,13 +391,16 @@ def main(argv=None):
             print(f"(b) per-image/class loop   forward {b[0]:8.1f} ms/batch wall ({b[1]:.1f} ms CPU)")
             print(f"    ratio (b)/(a): {b[0] / r['a_forward'][0]:.1f}x wall, {b[1] / r['a_forward'][1]:.1f}x CPU;"
                   f" max |CAM(a) - CAM(b)| = {r['max_abs_cam_loop_vs_batched']:.2e}")
+        save()
     if not args.no_static:
         Fs = F.contiguous(memory_format=torch.channels_last)
-        st = res["static"] = static_paths(args, device, Fs, S, labels, kw)
+        st = res["static"] = {}
+        static_paths(args, device, Fs, S, labels, kw, st, save)
         print("GPU path (POTHead: static shapes, no host sync), features channels-last:")
         for name, r in st.items():
+            if "counts_forward_backward" not in r: print(f"    {name:16s} {r.get('error', 'not finished')}"); continue
             cf, cb = r["counts_forward"], r["counts_forward_backward"]
-            extra = f", max |CAM - eager| = {r['max_abs_cam_vs_eager']:.1e}" if "max_abs_cam_vs_eager" in r else ""
+            extra = f", max |CAM - first| = {r['max_abs_cam_vs_first']:.1e}" if "max_abs_cam_vs_first" in r else ""
             print(f"    {name:16s} forward {r['forward'][0]:8.1f} ms ({r['forward'][1]:.1f} ms CPU)   forward+backward "
                   f"{r['forward_backward'][0]:8.1f} ms   first call {r['first_call_s']:.1f} s{extra}")
             print(f"    {'':16s} per forward: {cf['ops']} top-level ops, {cf['host_syncs']} host syncs"
@@ -362,7 +408,7 @@ def main(argv=None):
                   + f"; per forward+backward: {cb['ops']} ops, {cb['host_syncs']} syncs"
                   + (f", {cb['cuda_kernels']} CUDA kernels" if cuda else ""))
         first = next(iter(res["layouts"].values()), None)
-        if first and "static compiled" in st:
+        if first and "forward_backward" in st.get("static compiled", {}):
             print(f"    compiled vs pot_cams (sync path, {next(iter(res['layouts']))}): forward {first['a_forward'][0] / st['static compiled']['forward'][0]:.2f}x,"
                   f" forward+backward {first['a_forward_backward'][0] / st['static compiled']['forward_backward'][0]:.2f}x")
             if "b_loop_forward" in first:
@@ -373,19 +419,20 @@ def main(argv=None):
         print(f"ResNet-50 forward+backward, batch {args.batch} at {args.resnet_size}x{args.resnet_size}{', bf16 autocast' if amp else ''}: "
               f"{rn[0]:.1f} ms wall ({rn[1]:.0f} ms CPU)")
         heads = {f"pot_cams ({k})": (v["a_forward"], v["a_forward_backward"]) for k, v in res["layouts"].items()}
-        heads |= {k: (v["forward"], v["forward_backward"]) for k, v in res.get("static", {}).items()}
+        heads |= {k: (v["forward"], v["forward_backward"]) for k, v in res.get("static", {}).items() if "forward_backward" in v}
         res["head_share"] = {}
         for name, (f, fb) in heads.items():
             res["head_share"][name] = dict(forward=f[0] / rn[0], forward_backward=fb[0] / rn[0],
                                            of_step=fb[0] / (fb[0] + rn[0]))
             print(f"    head {name:26s}/ ResNet-50 step: forward {100 * f[0] / rn[0]:.1f} %, forward+backward "
                   f"{100 * fb[0] / rn[0]:.1f} % wall; share of network + head: {100 * fb[0] / (fb[0] + rn[0]):.1f} %")
+        save()
     if not args.no_memory:
         child = [sys.executable, __file__, "--_memory", "--device", args.device, "--batch", str(args.batch), "--classes",
                  str(args.classes), "--present", str(args.present), "--K", str(args.K), "--D", str(args.D), "--grid",
                  str(args.grid), "--threads", str(args.threads), "--noise", str(args.noise)]
         mem = json.loads(subprocess.run(child, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-        res["peak_mib"] = mem["peak_mib"]
+        res["peak_mib"] = mem["peak_mib"]; save()
         print(f"peak memory of the head (forward+backward), batch {args.batch}, {args.grid}x{args.grid} grid: {mem['peak_mib']:.0f} MiB"
               f" ({'CUDA max_memory_allocated rise' if cuda else 'VmHWM rise over VmRSS, fresh process'})")
     if args.json:

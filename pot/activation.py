@@ -16,7 +16,7 @@ from .cluster import (present_classes, normalize_with_background, confident_sets
 from .transport import class_mass, cluster_marginal, allocate, sinkhorn_method
 
 # %% auto #0
-__all__ = ['update_prototypes', 'prototype_activation', 'POTOutput', 'pot_cams', 'POTHead']
+__all__ = ['update_prototypes', 'prototype_activation', 'POTOutput', 'pot_cams', 'slot_bucket', 'POTHead']
 
 # %% ../nbs/07_activation.ipynb #a96fe302
 def update_prototypes(X: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
@@ -77,6 +77,14 @@ def _check_pot_inputs(F, S, labels, tau, K, eps, rho, marginal, t, allocation, v
         raise BadInputError(f"F must hold unit feature vectors (L2-normalised over D); sampled norms lie in [{float(n.min()):.3g}, {float(n.max()):.3g}]")
 
 
+def _check_slots(labels, slots: int):
+    "BadInputError if an image of the host `labels` (N, C) has more present classes, background included, than `slots`."
+    need = 1 + int((labels.detach().numpy() > 0.5).sum(1).max(initial=0))        # numpy: no tensor read (no device either)
+    if need > slots:
+        raise BadInputError(f"slots={slots}: an image has {need - 1} present classes, which need {need} class slots with the "
+                            f"background; pass slots >= {need} (or slots=None: all C+1)")
+
+
 def _valid_bool(valid):
     "A validity mask (bool, or float with 1 = image) as bool."
     return valid > 0.5 if valid.is_floating_point() else valid.bool()
@@ -93,7 +101,7 @@ def pot_cams(F: torch.Tensor, S: torch.Tensor, labels: torch.Tensor, tau: float 
              rho: float | None = 0.1, marginal: str = "similarity", t: float = 0.1, generator: torch.Generator | None = None,
              allocation: str = "joint", kmeans_iter: int = 30, kmeans_tol: float = 1e-4, sinkhorn_iter: int = 100,
              sinkhorn_tol: float = 1e-3, pack_classes: bool = True, valid: torch.Tensor | None = None, sync: bool = True,
-             slots: int | None = None, u: torch.Tensor | None = None) -> POTOutput:
+             slots: int | None = None, u: torch.Tensor | None = None, check_every: int | None = None) -> POTOutput:
     "POT steps 1-3 (METHOD.md §3) for unit features F (N,D,h,w), seed maps S (N,C+1,h,w), labels (N,C); only `valid` (N,h,w) cells take part."
     _check_pot_inputs(F, S, labels, tau, K, eps, rho, marginal, t, allocation, valid, values=sync)
     N, D, h, w = F.shape; M, C1 = h * w, labels.shape[1] + 1
@@ -105,19 +113,19 @@ def pot_cams(F: torch.Tensor, S: torch.Tensor, labels: torch.Tensor, tau: float 
     if sync: G = int(n_cls.max()) if pack_classes else C1
     else:                                                  # a fixed number of class slots: no shape depends on the data
         G = C1 if slots is None else max(1, min(int(slots), C1))
-        if G < C1: torch._assert_async(n_cls.max() <= G, "pot_cams(slots=...): an image has more present classes than slots")
+        if G < C1 and labels.device.type == "cpu" and not torch.compiler.is_compiling(): _check_slots(labels, G)   # free: no device
     order = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices[:, :G]     # present classes first, bg first
     slot = torch.arange(G, device=F.device)[None] < n_cls[:, None]                         # (N, G) slot holds a present class
     with torch.no_grad(), torch.autocast(F.device.type, enabled=False):
         X = at_least_float32(F.detach()).flatten(2)
         Sg = at_least_float32(S.detach()).flatten(2).gather(1, order[..., None].expand(N, G, M))
         omega, empty = confident_sets(Sg, slot, tau, K, vm)
-        km = spherical_kmeans(X, omega, K, max_iter=kmeans_iter, tol=kmeans_tol, sync=sync,
+        km = spherical_kmeans(X, omega, K, max_iter=kmeans_iter, tol=kmeans_tol, sync=sync, check_every=check_every,
                               u=u_full.gather(1, order.to(u_full.device)[..., None].expand(N, G, K)))
         nu = class_prototypes(km)
         b = cluster_marginal(km.mu, nu, km.valid, class_mass(Sg, slot, km.valid.any(-1), K, vm), marginal, t)
         Q, sk = allocate(km.sims, b, eps, rho, allocation, sinkhorn_iter, sinkhorn_tol, vm,
-                         method="auto" if sync else sinkhorn_method(eps), sync=sync)
+                         method="auto" if sync else sinkhorn_method(eps), sync=sync, check_every=check_every)
         mu_new = update_prototypes(X, Q)
     with torch.autocast(F.device.type, enabled=False):
         A = prototype_activation(at_least_float32(F).flatten(2), Q, mu_new, G)           # grad only through <f, μ'>
@@ -127,6 +135,8 @@ def pot_cams(F: torch.Tensor, S: torch.Tensor, labels: torch.Tensor, tau: float 
     cols = (order[..., None] * K + torch.arange(K, device=F.device)).view(N, G * K)
     Qf = Q.new_zeros(N, M, C1 * K).scatter(2, cols[:, None].expand(N, M, G * K), Q)
     empty = _scatter_classes(empty, order, C1)
+    if not sync and G < C1:               # unchecked labels on a device: a present class without a slot has a zero CAM, flagged empty
+        empty = empty | (present & ~_scatter_classes(slot, order, C1))
     return POTOutput(cam=cam, Q=Qf, w=Q.view(N, M, G, K).sum(-1).amax(-1).view(N, h, w),
                      mu=_scatter_classes(km.mu, order, C1), mu_new=_scatter_classes(mu_new.view(N, G, K, D), order, C1),
                      nu=_scatter_classes(nu, order, C1), present=present, n_empty=empty[:, 1:].sum(),
@@ -140,17 +150,44 @@ def _pot_static(F, S, labels, u, valid, slots, **kw) -> dict:
     return {f.name: getattr(o, f.name) for f in fields(o)}
 
 
+def slot_bucket(n: int, C1: int) -> int:
+    "The class slots for a batch whose busiest image needs `n` (background included): the next power of two >= 2, or C1 = C+1."
+    b = 2
+    while b < n: b *= 2
+    return min(b, C1)
+
+
 class POTHead:
-    "POT steps 1-3 for a training step on a GPU: `pot_cams(sync=False)`, compiled with torch.compile(fullgraph=True) if `compile`."
-    def __init__(self, compile: bool = True, slots: int | None = None, **compile_kw):
-        self.compile, self.slots = compile, slots
-        self.fn = torch.compile(_pot_static, fullgraph=True, dynamic=False, **compile_kw) if compile else _pot_static
+    "POT steps 1-3 for a training step on a GPU: `pot_cams(sync=False)`, compiled with torch.compile if `compile`; class slots from the batch."
+    def __init__(self, compile: bool = True, slots: int | str | None = "batch", check_every: int | None = None, **compile_kw):
+        if not (slots is None or slots == "batch" or isinstance(slots, int)):
+            raise BadInputError(f"slots={slots!r}; expected 'batch', an int or None (all C+1)")
+        self.compile, self.slots, self.check_every = compile, slots, check_every
+        self.fn = (torch.compile(_pot_static, fullgraph=check_every is None, dynamic=False, **compile_kw) if compile
+                   else _pot_static)
+
+    def slots_for(self, labels: torch.Tensor) -> int:
+        "The class slots of a call with these (host) labels (N, C); BadInputError if a fixed `slots` is too few."
+        C1 = labels.shape[1] + 1
+        if self.slots is None: return C1
+        if self.slots == "batch":
+            return slot_bucket(1 + int((labels.detach().numpy() > 0.5).sum(1).max(initial=0)), C1)
+        G = max(1, min(int(self.slots), C1))
+        if G < C1: _check_slots(labels, G)
+        return G
 
     def __call__(self, F: torch.Tensor, S: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None,
-                 valid: torch.Tensor | None = None, **kw) -> POTOutput:
-        "Same arguments and output as `pot_cams` (keyword parameters: tau, K, eps, rho, marginal, t, ...)."
+                 valid: torch.Tensor | None = None, host_labels: torch.Tensor | None = None, **kw) -> POTOutput:
+        "Same arguments and output as `pot_cams` (keyword parameters: tau, K, eps, rho, marginal, t, ...); `host_labels`: a CPU copy of `labels`."
+        if self.slots is None: G = labels.shape[1] + 1
+        else:                                            # before the compiled call: too few slots is a clear error
+            if host_labels is None: host_labels = labels  # on a GPU: one small read below (a synchronisation)
+            if host_labels.shape != labels.shape:
+                raise BadInputError(f"host_labels has shape {tuple(host_labels.shape)}; expected {tuple(labels.shape)} as labels")
+            G = self.slots_for(host_labels.detach().cpu())
         u = kmeans_uniforms((F.shape[0], labels.shape[1] + 1, kw.get("K", 3)), generator)
         u = u if F.dtype == torch.float64 else u.float()
         if u.device != F.device:                         # pinned: the copy does not wait for the device
             u = (u.pin_memory() if F.device.type == "cuda" else u).to(F.device, non_blocking=True)
-        return POTOutput(**self.fn(F, S, labels, u, valid, self.slots, **kw))
+        if self.check_every is not None: kw["check_every"] = self.check_every
+        return POTOutput(**self.fn(F, S, labels, u, valid, G, **kw))

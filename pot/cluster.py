@@ -196,7 +196,8 @@ def kmeans_uniforms(shape: tuple, generator: torch.Generator | None = None) -> t
 @float32_no_autocast
 def spherical_kmeans(X: torch.Tensor, omega: torch.Tensor, K: int = 3, generator: torch.Generator | None = None,
                      max_iter: int = 30, tol: float = 1e-4, n_init: int = 1, dup_tol: float = 1e-6,
-                     u: torch.Tensor | None = None, cpu_paths: bool | None = None, sync: bool = True) -> KMeansResult:
+                     u: torch.Tensor | None = None, cpu_paths: bool | None = None, sync: bool = True,
+                     check_every: int | None = None) -> KMeansResult:
     "Batched spherical k-means of the members `omega` (N, G, M) of unit points X (N, D, M); k-means++ from `generator` (or `u`)."
     if X.ndim != 3 or omega.ndim != 3 or omega.shape[0] != X.shape[0] or omega.shape[2] != X.shape[2]:
         raise BadInputError(f"X {tuple(X.shape)} and omega {tuple(omega.shape)}; expected X (N, D, M) and omega (N, G, M)")
@@ -206,11 +207,11 @@ def spherical_kmeans(X: torch.Tensor, omega: torch.Tensor, K: int = 3, generator
     if n_init > 1:
         if u is None: u = kmeans_uniforms((N, G * n_init, K), generator)
         return _best_of(spherical_kmeans(X, omega.repeat_interleave(n_init, 1), K, None, max_iter, tol, 1, dup_tol, u,
-                                         cpu_paths, sync), N, G, n_init)
+                                         cpu_paths, sync, check_every), N, G, n_init)
     if u is None: u = kmeans_uniforms((N, G, K), generator)
     if u.shape != (N, G, K): raise BadInputError(f"u has shape {tuple(u.shape)}; expected {(N, G, K)} uniforms")
     u = u.to(X.device, X.dtype)
-    if not sync: return _kmeans_static(X, omega, u, max_iter, tol, dup_tol)
+    if not sync: return _kmeans_static(X, omega, u, max_iter, tol, dup_tol, check_every)
     if cpu_paths is None: cpu_paths = X.device.type == "cpu"
     if not cpu_paths: return _kmeans_dense(X, omega, u, max_iter, tol, dup_tol, sparse=False)
     n = omega.sum(-1)
@@ -350,16 +351,17 @@ def _lloyd_iteration(X, omega, mu, valid, assign, sums, counts, active, n_iter, 
 _lloyd_step = getattr(torch.compiler, "nested_compile_region", lambda f: f)(_lloyd_iteration)   # compiled once, called max_iter times
 
 
-def _kmeans_static(X, omega, u, max_iter, tol, dup_tol) -> KMeansResult:
+def _kmeans_static(X, omega, u, max_iter, tol, dup_tol, check_every=None) -> KMeansResult:
     "Lloyd iterations with fixed shapes and count, nothing read on the host: `max_iter` iterations, converged problems frozen."
     N, D, M = X.shape; G, K = u.shape[1:]
     mu, valid = kmeanspp_init(X, omega, u, dup_tol, sparse=False)
     assign = torch.full((N, G, M), -1, dtype=torch.long, device=X.device)
     sums, counts = X.new_zeros(N, G, K, D), torch.zeros(N, G, K, dtype=torch.long, device=X.device)
     active, n_iter = omega.any(-1), torch.zeros((), dtype=torch.long, device=X.device)
-    for _ in range(max_iter):
+    for it in range(max_iter):
         mu, valid, assign, sums, counts, active, n_iter = _lloyd_step(X, omega, mu, valid, assign, sums, counts, active, n_iter,
                                                                       tol, dup_tol)
+        if check_every and (it + 1) % check_every == 0 and not bool(active.any()): break    # one host read per n iterations
     sims = torch.bmm(mu.reshape(N, G * K, D), X).view(N, G, K, M) * valid[..., None]
     return KMeansResult(mu, sums, counts, valid, assign, sims, n_iter, ~active)
 

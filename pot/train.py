@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -149,9 +150,12 @@ def train(cfg: POTConfig, resume: bool = True) -> Path:
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 1009 + rank)   # CPU generator: k-means draws
         img = batch["img"]
         lam = con_weight(cfg, step / steps_per_epoch)
+        h = head
+        if isinstance(head, POTHead) and lam != 0:      # its class slots, read before the forward is queued (07_activation)
+            h = partial(head, host_labels=batch["label"].cpu())
         out = net(img, features=lam != 0)                # no features, no POT head while L_con is off
         with torch.autocast(img.device.type, enabled=False):
-            losses = pot_step_losses(out, batch["label"], batch["valid"], cfg, batch.get("seed"), gen, lambda_con=lam, head=head)
+            losses = pot_step_losses(out, batch["label"], batch["valid"], cfg, batch.get("seed"), gen, lambda_con=lam, head=h)
         return dict(losses, lambda_con=lam)
 
     return fit(cfg.out_dir, cfg, build, step_losses, desc=f"train {Path(cfg.out_dir).name}", resume=resume,

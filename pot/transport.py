@@ -92,7 +92,8 @@ _sinkhorn_step = getattr(torch.compiler, "nested_compile_region", lambda f: f)(_
 
 @float32_no_autocast
 def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float = 0.1, rho: float | None = 0.1,
-             n_iter: int = 100, tol: float = 1e-3, method: str = "auto", sync: bool = True) -> SinkhornResult:
+             n_iter: int = 100, tol: float = 1e-3, method: str = "auto", sync: bool = True,
+             check_every: int | None = None) -> SinkhornResult:
     "argmin_{T>=0, T1=a} <T,cost> - eps H(T) + rho KL(T'1 | b) (rho=None: T'1=b), batched: cost (B,M,P), a (B,M), b (B,P)."
     if cost.ndim != 3 or a.shape != cost.shape[:2] or b.shape != (cost.shape[0], cost.shape[2]):
         raise BadInputError(f"cost {tuple(cost.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)}; expected (B,M,P), (B,M), (B,P)")
@@ -125,12 +126,13 @@ def sinkhorn(cost: torch.Tensor, a: torch.Tensor, b: torch.Tensor, eps: float = 
     for it in range(n_iter):                                       # sync=False: all n_iter, converged problems frozen
         al, be, T, err, active, n_run = step(al, be, T, err, active, n_run, W, loga, logb, inv_a, phi, tol, kernel)
         if sync and not bool(active.any()): break
+        if not sync and check_every and (it + 1) % check_every == 0 and not bool(active.any()): break   # one read per n
     return SinkhornResult(T * has[:, None, None], int(n_run) if sync else n_run, err, method)
 
 # %% ../nbs/06_transport.ipynb #cb77d2a4
 def allocate(sims: torch.Tensor, b: torch.Tensor, eps: float = 0.1, rho: float | None = 0.1, allocation: str = "joint",
              n_iter: int = 100, tol: float = 1e-3, valid: torch.Tensor | None = None, method: str = "auto",
-             sync: bool = True) -> tuple[torch.Tensor, SinkhornResult]:
+             sync: bool = True, check_every: int | None = None) -> tuple[torch.Tensor, SinkhornResult]:
     "Q = M·T* (N, M, G·K) from similarities sims (N, G, K, M) (cost 1 - sims), marginal b (N, G, K); M counts `valid` (N, M) pixels."
     N, G, K, M = sims.shape
     if valid is None: a = sims.new_full((N, M), 1 / M)
@@ -139,11 +141,12 @@ def allocate(sims: torch.Tensor, b: torch.Tensor, eps: float = 0.1, rho: float |
         a = v / v.sum(-1, keepdim=True).clamp_min(1)                 # a = 1/M_valid on the image, 0 on padding
     inv_a = torch.where(a > 0, 1 / torch.where(a > 0, a, torch.ones_like(a)), torch.zeros_like(a))[..., None]
     if allocation == "joint":
-        r = sinkhorn((1 - sims).view(N, G * K, M).transpose(1, 2), a, b.reshape(N, G * K), eps, rho, n_iter, tol, method, sync)
+        r = sinkhorn((1 - sims).view(N, G * K, M).transpose(1, 2), a, b.reshape(N, G * K), eps, rho, n_iter, tol, method, sync,
+                     check_every)
         return r.T * inv_a, r
     if allocation == "per_class":
         bc = b / b.sum(-1, keepdim=True).clamp_min(1e-30)
         r = sinkhorn((1 - sims).view(N * G, K, M).transpose(1, 2), a.repeat_interleave(G, 0), bc.reshape(N * G, K),
-                     eps, rho, n_iter, tol, method, sync)
+                     eps, rho, n_iter, tol, method, sync, check_every)
         return (r.T.view(N, G, M, K) * inv_a[:, None]).transpose(1, 2).reshape(N, M, G * K), r
     raise BadInputError(f"allocation={allocation!r}; expected 'joint' or 'per_class'")
