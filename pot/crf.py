@@ -158,9 +158,10 @@ def make_crf_labels(run_dir, split: str | None = None, which: str = "final", out
                   conf_threshold=None if conf_threshold is None else float(conf_threshold), crf=crf)
     n = len(ds) if limit is None else min(limit, len(ds))
     run.require_cams(ds, n)
-    outputs = ImageOutputs(out, params).prepare([ds.name(i) for i in range(n)], overwrite)
-    t0 = time.perf_counter()
-    results = map_images(CRFJob(ds, run, outputs, params), list(range(n)), n_workers, f"CRF {split}", start_method)
+    with run.writing(f"CRF labels {split}"):                                        # one writer per run folder
+        outputs = ImageOutputs(out, params).prepare([ds.name(i) for i in range(n)], overwrite)
+        t0 = time.perf_counter()
+        results = map_images(CRFJob(ds, run, outputs, params), list(range(n)), n_workers, f"CRF {split}", start_method)
     return count_results(results, out=out, split=split, which=which, wall_s=time.perf_counter() - t0, n_workers=pool_size(n_workers, n))
 
 # %% ../nbs/13_crf.ipynb #97813000
