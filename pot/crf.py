@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
 
 from .core import BadInputError
 from .data import load_dataset, read_image_label
@@ -17,8 +16,19 @@ from .metrics import to_numpy
 from .runs import Run, ImageOutputs, LabelFromCAMs, count_results, map_images, pool_size, score_label_files
 
 # %% auto #0
-__all__ = ['CRF_PRESETS', 'CRF_DEFAULTS', 'LABEL_MAKERS', 'check_crf_params', 'crf_inference', 'cam_probs', 'label_probs',
-           'crf_label', 'CRFJob', 'make_crf_labels', 'evaluate_pseudo_labels']
+__all__ = ['CRF_INSTALL', 'CRF_PRESETS', 'CRF_DEFAULTS', 'LABEL_MAKERS', 'densecrf', 'check_crf_params', 'crf_inference',
+           'cam_probs', 'label_probs', 'crf_label', 'CRFJob', 'make_crf_labels', 'evaluate_pseudo_labels']
+
+# %% ../nbs/13_crf.ipynb #fdd921ac
+CRF_INSTALL = ('DenseCRF needs pydensecrf, an optional dependency: pip install "pot-wsss[crf]" (or pip install pydensecrf2; '
+               'it builds from source, with a C++ compiler and the Python headers)')
+
+
+def densecrf():
+    "The `pydensecrf.densecrf` module, or a `BadInputError` saying how to install it."
+    try: import pydensecrf.densecrf as dcrf
+    except ImportError as e: raise BadInputError(f"{CRF_INSTALL} ({type(e).__name__}: {e})") from None
+    return dcrf
 
 # %% ../nbs/13_crf.ipynb #311a1c2d
 CRF_PRESETS = {
@@ -73,7 +83,7 @@ def crf_inference(img, probs, n_steps: int = 10, pos_sxy: float = 1.0, pos_compa
     n = probs.shape[0]
     if n < 1: raise BadInputError("probs has 0 classes; expected at least one (n, H, W) map")
     unary = -np.log(np.clip(probs, p["clip"], None)).reshape(n, -1)
-    d = dcrf.DenseCRF2D(W, H, n)
+    d = densecrf().DenseCRF2D(W, H, n)
     d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     if p["pos_compat"] > 0: d.addPairwiseGaussian(sxy=p["pos_sxy"], compat=p["pos_compat"])
     if p["bi_compat"] > 0: d.addPairwiseBilateral(sxy=p["bi_sxy"], srgb=p["bi_srgb"], rgbim=img, compat=p["bi_compat"])
@@ -146,6 +156,7 @@ def make_crf_labels(run_dir, split: str | None = None, which: str = "final", out
                     dataset: str | None = None, data_root: str | None = None, limit: int | None = None,
                     overwrite: bool = False, start_method: str | None = None, **crf_params) -> dict:
     "DenseCRF pseudo labels (palette PNGs, 255 = unsure) of every image of `split` from the run's CAMs `which`; parallel, resumable."
+    densecrf()                                                                      # installed? (one line if not)
     run = Run(run_dir)
     dataset, data_root, split = run.source(dataset, data_root, split)
     ds = load_dataset(dataset, data_root, split)

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .core import BadInputError, JSONConfig, cli_main, file_sha256, resolve_device, keep_freed_memory
 from .cli import Parser, add_config_flags, add_run_flags, config_from_flags, parse_bool
-from .crf import check_crf_params, crf_inference
+from .crf import check_crf_params, crf_inference, densecrf
 from .data import IGNORE, PseudoLabels, label_png_ok, load_dataset, read_image_label, save_palette_png
 from .datasets import InferDataset, TrainDataset
 from .model import FrozenBN, build_encoder, calibrate_bn, load_imagenet_weights, read_state_dict, stage_channels
@@ -282,6 +282,7 @@ def infer_segmentation(run_dir, split: str = "val", scales=DEFAULT_TEST_SCALES, 
                        data_root: str | None = None, limit: int | None = None, overwrite: bool = False,
                        start_method: str | None = None) -> dict:
     "Write the predictions of the trained run `run_dir` for `split`: pred/<split>/raw (argmax) and, with `crf`, pred/<split>/crf; resumable."
+    if crf: densecrf()                                                             # installed? (one line if not)
     run = Run(run_dir)
     model, cfg = load_deeplab(run_dir)
     scales = tuple(float(s) for s in scales)
@@ -362,6 +363,7 @@ def seg_table(metrics: dict):
 def run_segmentation(cfg: DeepLabConfig, split: str = "val", scales=DEFAULT_TEST_SCALES, crf: bool = True,
                      n_workers: int | None = None, resume: bool = True, overwrite: bool = False) -> dict:
     "Stage 4: train DeepLabV2 on the pseudo labels (resumable), predict `split` (multi-scale + flip, CRF), evaluate; returns metrics."
+    if crf: densecrf()                                 # before training: a missing pydensecrf is one line now, not after it
     run = train_deeplab(cfg, resume=resume)
     if int(os.environ.get("RANK", "0")) != 0: return {}
     infer_segmentation(run, split, scales, crf=crf, n_workers=n_workers, device=cfg.device, overwrite=overwrite)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .core import BadInputError, JSONConfig, cli_main, file_sha256, load_checkpoint, resolve_device, keep_freed_memory
 from .cli import Parser, add_config_flags, add_run_flags, config_from_flags
-from .crf import CRF_PRESETS, check_crf_params, crf_inference, label_probs
+from .crf import CRF_PRESETS, check_crf_params, crf_inference, densecrf, label_probs
 from .data import PseudoLabels, load_dataset, read_label_png
 from .datasets import TrainDataset, normalize_image
 from .model import FrozenBN, build_encoder, calibrate_bn, freeze_stem_and_bn, load_imagenet_weights, resize, stage_channels
@@ -74,6 +74,7 @@ def cam_to_ir_label(run_dir, split: str | None = None, which: str = "final", con
                     data_root: str | None = None, limit: int | None = None, overwrite: bool = False,
                     start_method: str | None = None) -> dict:
     "IR labels (palette PNGs: confident classes, 0, 255 = unsure) of every image of `split` from the run's CAMs `which`; parallel, resumable."
+    densecrf()                                                                      # installed? (one line if not)
     run = Run(run_dir)
     dataset, data_root, split = run.source(dataset, data_root, split)
     ds = load_dataset(dataset, data_root, split)
