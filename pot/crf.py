@@ -10,14 +10,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .core import BadInputError
+from .core import BadInputError, cli_main
+from .cli import Parser
 from .data import load_dataset, read_image_label
 from .metrics import to_numpy
 from .runs import Run, ImageOutputs, LabelFromCAMs, count_results, map_images, pool_size, score_label_files
 
 # %% auto #0
 __all__ = ['CRF_INSTALL', 'CRF_PRESETS', 'CRF_DEFAULTS', 'LABEL_MAKERS', 'densecrf', 'check_crf_params', 'crf_inference',
-           'cam_probs', 'label_probs', 'crf_label', 'CRFJob', 'make_crf_labels', 'evaluate_pseudo_labels']
+           'cam_probs', 'label_probs', 'crf_label', 'CRFJob', 'make_crf_labels', 'evaluate_pseudo_labels', 'crf_parser',
+           'crf_cli']
 
 # %% ../nbs/13_crf.ipynb #fdd921ac
 CRF_INSTALL = ('DenseCRF needs pydensecrf, an optional dependency: pip install "pot-wsss[crf]" (or pip install pydensecrf2; '
@@ -176,7 +178,7 @@ def make_crf_labels(run_dir, split: str | None = None, which: str = "final", out
     return count_results(results, out=out, split=split, which=which, wall_s=time.perf_counter() - t0, n_workers=pool_size(n_workers, n))
 
 # %% ../nbs/13_crf.ipynb #97813000
-LABEL_MAKERS = dict(crf="pot.crf.make_crf_labels", ir="pot.irn.cam_to_ir_label", irn="pot.irn.make_irn_labels")
+LABEL_MAKERS = dict(crf="pot-crf --run_dir {run}", ir="pot-irn --run_dir {run} --stage ir", irn="pot-irn --run_dir {run} --stage labels")   # the command making each
 
 
 def evaluate_pseudo_labels(run_dir, split: str | None = None, method: str = "crf", label_dir=None,
@@ -189,7 +191,7 @@ def evaluate_pseudo_labels(run_dir, split: str | None = None, method: str = "crf
     label_dir = Path(label_dir) if label_dir is not None else run.labels_dir(method)
     params = ImageOutputs(label_dir).stored_params() or {}
     n = len(ds) if limit is None else min(limit, len(ds))
-    hint = f"no pseudo label; run {LABEL_MAKERS.get(method, 'the labelling step')} first"
+    hint = f"no pseudo label; make them first: {LABEL_MAKERS.get(method, 'the labelling step').format(run=run_dir)}"
     ev, labelled = score_label_files(ds, label_dir, n, unsure, hint, desc=f"eval {method} {split}")
     res = dict(ev.result(split=split, which=f"{method}:{params.get('which', '?')}"), method=method, unsure=unsure,
                labelled_fraction=labelled, params=params)
@@ -201,3 +203,39 @@ def evaluate_pseudo_labels(run_dir, split: str | None = None, method: str = "crf
                                 path=run.figure(f"pseudo_labels_{method}_{split}.png"))
         run.record_metrics(pseudo_label_miou={method: res["miou"]}, pseudo_label_eval={method: res}, pseudo_label_split=split)
     return res
+
+# %% ../nbs/13_crf.ipynb #24869ab1
+def _float_or_str(s: str) -> float | str:
+    try: return float(s)
+    except ValueError: return s
+
+
+def crf_parser() -> Parser:
+    "`pot-crf`: --run_dir, --split, --which, --bg, --alpha, --conf_threshold, --n_workers, --overwrite, --no-evaluate."
+    p = Parser(prog="pot-crf", description="Stage 3 (DenseCRF): pseudo labels of a POT run from its CAMs, scored where the split has masks.")
+    p.add_argument("--run_dir", required=True, help="the POT run folder (its cams/ and config.json)")
+    p.add_argument("--split", default=None, help="split to label (default: the run's eval_split)")
+    p.add_argument("--which", default="final", help="CAM map: cls | pot | pot_k1 | final")
+    p.add_argument("--bg", type=_float_or_str, default="power", help="background score: power ((1 - max CAM)^alpha) or a number (a fixed threshold)")
+    p.add_argument("--alpha", type=float, default=1.0, help="exponent of the 'power' background")
+    p.add_argument("--conf_threshold", type=lambda s: None if s.lower() == "none" else float(s), default=0.95,
+                   help="pixels whose CRF confidence is below it become 255 (none: keep every label)")
+    p.add_argument("--n_workers", type=int, default=None, help="processes (default: all CPUs)")
+    p.add_argument("--overwrite", action="store_true", help="redo labels made with other parameters")
+    p.add_argument("--no-evaluate", action="store_true", help="do not score the labels against the ground truth")
+    return p
+
+
+@cli_main
+def crf_cli(argv=None) -> None:
+    "Console entry point `pot-crf`."
+    a = crf_parser().parse_args(argv)
+    with Run(a.run_dir).writing("pot-crf"):
+        print(make_crf_labels(a.run_dir, a.split, a.which, n_workers=a.n_workers, bg=a.bg, alpha=a.alpha,
+                              conf_threshold=a.conf_threshold, overwrite=a.overwrite))
+        if not a.no_evaluate:
+            r = evaluate_pseudo_labels(a.run_dir, a.split, method="crf")
+            print({k: r[k] for k in ("split", "miou", "mprecision", "mrecall", "labelled_fraction") if k in r})
+
+
+if __name__ == "__main__" and not hasattr(__import__("builtins"), "__IPYTHON__"): crf_cli()

@@ -211,7 +211,7 @@ class Run:
         missing = [ds.name(i) for i in range(n) if not self.cam_file(ds.name(i)).is_file()]
         if missing:
             raise BadInputError(f"{self.cams_dir}: no CAM file for {len(missing)} of the {n} listed image(s) of split {ds.split!r}, "
-                                f"e.g. {missing[:5]}; run infer_cams for this split first")
+                                f"e.g. {missing[:5]}; make them first: pot-cams --run_dir {self.root} --split {ds.split}")
 
     def check_cam_classes(self, name: str, keys, labels) -> np.ndarray:
         "The class indices `keys` (1..C) of image `name`'s CAM file as int64, after checking they are its multi-hot `labels` (C,)."
@@ -224,7 +224,7 @@ class Run:
     def image_cams(self, name: str, which: str, labels, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         "(keys (n,) label indices 1..C, float32 maps (n,H,W)) of the CAM `which` of image `name`, checked against its multi-hot `labels` (C,) and `size` (H,W)."
         path = self.cam_file(name)
-        if not path.is_file(): raise BadInputError(f"{path}: missing CAM file for image {name}; run infer_cams first")
+        if not path.is_file(): raise BadInputError(f"{path}: missing CAM file for image {name}; make the CAMs first: pot-cams --run_dir {self.root}")
         z = load_npz(path, required=("keys", which))
         keys, maps = self.check_cam_classes(name, z["keys"], labels), z[which]
         if maps.shape != (len(keys), *size):
