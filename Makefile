@@ -9,10 +9,11 @@ STAMP := $(VENV)/.installed
 
 venv: $(STAMP)
 
-$(STAMP): settings.ini setup.py
+# .[dev] holds every extra (crf, photos, notebooks) and the test tools; constraints-ci.txt pins the tested torch pair
+$(STAMP): settings.ini setup.py constraints-ci.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c constraints-ci.txt -e ".[dev]"
 	touch $(STAMP)
 
 ## export the notebooks into pot/ and clean them (what a contributor runs before committing)

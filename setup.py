@@ -15,6 +15,9 @@ def reqs(key):
     return cfg.get(key, "").split()
 
 
+extras = {name: reqs(f"{name}_requirements") for name in ("crf", "photos", "notebooks")}
+
+
 setuptools.setup(
     name=cfg["dist_name"],
     version=cfg["version"],
@@ -30,7 +33,7 @@ setuptools.setup(
     include_package_data=True,
     python_requires=">=" + cfg["min_python"],
     install_requires=reqs("requirements"),
-    extras_require={"dev": reqs("dev_requirements")},
+    extras_require={**extras, "dev": reqs("dev_requirements") + [r for e in extras.values() for r in e]},
     entry_points={
         "console_scripts": cfg.get("console_scripts", "").split(),
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],

@@ -9,16 +9,28 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pydensecrf.densecrf as dcrf
 
-from .core import BadInputError
+from .core import BadInputError, cli_main
+from .cli import Parser
 from .data import load_dataset, read_image_label
 from .metrics import to_numpy
 from .runs import Run, ImageOutputs, LabelFromCAMs, count_results, map_images, pool_size, score_label_files
 
 # %% auto #0
-__all__ = ['CRF_PRESETS', 'CRF_DEFAULTS', 'LABEL_MAKERS', 'check_crf_params', 'crf_inference', 'cam_probs', 'label_probs',
-           'crf_label', 'CRFJob', 'make_crf_labels', 'evaluate_pseudo_labels']
+__all__ = ['CRF_INSTALL', 'CRF_PRESETS', 'CRF_DEFAULTS', 'LABEL_MAKERS', 'densecrf', 'check_crf_params', 'crf_inference',
+           'cam_probs', 'label_probs', 'crf_label', 'CRFJob', 'make_crf_labels', 'evaluate_pseudo_labels', 'crf_parser',
+           'crf_cli']
+
+# %% ../nbs/13_crf.ipynb #fdd921ac
+CRF_INSTALL = ('DenseCRF needs pydensecrf, an optional dependency: pip install "pot-wsss[crf]" (or pip install pydensecrf2; '
+               'it builds from source, with a C++ compiler and the Python headers)')
+
+
+def densecrf():
+    "The `pydensecrf.densecrf` module, or a `BadInputError` saying how to install it."
+    try: import pydensecrf.densecrf as dcrf
+    except ImportError as e: raise BadInputError(f"{CRF_INSTALL} ({type(e).__name__}: {e})") from None
+    return dcrf
 
 # %% ../nbs/13_crf.ipynb #311a1c2d
 CRF_PRESETS = {
@@ -73,7 +85,7 @@ def crf_inference(img, probs, n_steps: int = 10, pos_sxy: float = 1.0, pos_compa
     n = probs.shape[0]
     if n < 1: raise BadInputError("probs has 0 classes; expected at least one (n, H, W) map")
     unary = -np.log(np.clip(probs, p["clip"], None)).reshape(n, -1)
-    d = dcrf.DenseCRF2D(W, H, n)
+    d = densecrf().DenseCRF2D(W, H, n)
     d.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     if p["pos_compat"] > 0: d.addPairwiseGaussian(sxy=p["pos_sxy"], compat=p["pos_compat"])
     if p["bi_compat"] > 0: d.addPairwiseBilateral(sxy=p["bi_sxy"], srgb=p["bi_srgb"], rgbim=img, compat=p["bi_compat"])
@@ -146,6 +158,7 @@ def make_crf_labels(run_dir, split: str | None = None, which: str = "final", out
                     dataset: str | None = None, data_root: str | None = None, limit: int | None = None,
                     overwrite: bool = False, start_method: str | None = None, **crf_params) -> dict:
     "DenseCRF pseudo labels (palette PNGs, 255 = unsure) of every image of `split` from the run's CAMs `which`; parallel, resumable."
+    densecrf()                                                                      # installed? (one line if not)
     run = Run(run_dir)
     dataset, data_root, split = run.source(dataset, data_root, split)
     ds = load_dataset(dataset, data_root, split)
@@ -158,13 +171,14 @@ def make_crf_labels(run_dir, split: str | None = None, which: str = "final", out
                   conf_threshold=None if conf_threshold is None else float(conf_threshold), crf=crf)
     n = len(ds) if limit is None else min(limit, len(ds))
     run.require_cams(ds, n)
-    outputs = ImageOutputs(out, params).prepare([ds.name(i) for i in range(n)], overwrite)
-    t0 = time.perf_counter()
-    results = map_images(CRFJob(ds, run, outputs, params), list(range(n)), n_workers, f"CRF {split}", start_method)
+    with run.writing(f"CRF labels {split}"):                                        # one writer per run folder
+        outputs = ImageOutputs(out, params).prepare([ds.name(i) for i in range(n)], overwrite)
+        t0 = time.perf_counter()
+        results = map_images(CRFJob(ds, run, outputs, params), list(range(n)), n_workers, f"CRF {split}", start_method)
     return count_results(results, out=out, split=split, which=which, wall_s=time.perf_counter() - t0, n_workers=pool_size(n_workers, n))
 
 # %% ../nbs/13_crf.ipynb #97813000
-LABEL_MAKERS = dict(crf="pot.crf.make_crf_labels", ir="pot.irn.cam_to_ir_label", irn="pot.irn.make_irn_labels")
+LABEL_MAKERS = dict(crf="pot-crf --run_dir {run}", ir="pot-irn --run_dir {run} --stage ir", irn="pot-irn --run_dir {run} --stage labels")   # the command making each
 
 
 def evaluate_pseudo_labels(run_dir, split: str | None = None, method: str = "crf", label_dir=None,
@@ -177,7 +191,7 @@ def evaluate_pseudo_labels(run_dir, split: str | None = None, method: str = "crf
     label_dir = Path(label_dir) if label_dir is not None else run.labels_dir(method)
     params = ImageOutputs(label_dir).stored_params() or {}
     n = len(ds) if limit is None else min(limit, len(ds))
-    hint = f"no pseudo label; run {LABEL_MAKERS.get(method, 'the labelling step')} first"
+    hint = f"no pseudo label; make them first: {LABEL_MAKERS.get(method, 'the labelling step').format(run=run_dir)}"
     ev, labelled = score_label_files(ds, label_dir, n, unsure, hint, desc=f"eval {method} {split}")
     res = dict(ev.result(split=split, which=f"{method}:{params.get('which', '?')}"), method=method, unsure=unsure,
                labelled_fraction=labelled, params=params)
@@ -189,3 +203,39 @@ def evaluate_pseudo_labels(run_dir, split: str | None = None, method: str = "crf
                                 path=run.figure(f"pseudo_labels_{method}_{split}.png"))
         run.record_metrics(pseudo_label_miou={method: res["miou"]}, pseudo_label_eval={method: res}, pseudo_label_split=split)
     return res
+
+# %% ../nbs/13_crf.ipynb #24869ab1
+def _float_or_str(s: str) -> float | str:
+    try: return float(s)
+    except ValueError: return s
+
+
+def crf_parser() -> Parser:
+    "`pot-crf`: --run_dir, --split, --which, --bg, --alpha, --conf_threshold, --n_workers, --overwrite, --no-evaluate."
+    p = Parser(prog="pot-crf", description="Stage 3 (DenseCRF): pseudo labels of a POT run from its CAMs, scored where the split has masks.")
+    p.add_argument("--run_dir", required=True, help="the POT run folder (its cams/ and config.json)")
+    p.add_argument("--split", default=None, help="split to label (default: the run's eval_split)")
+    p.add_argument("--which", default="final", help="CAM map: cls | pot | pot_k1 | final")
+    p.add_argument("--bg", type=_float_or_str, default="power", help="background score: power ((1 - max CAM)^alpha) or a number (a fixed threshold)")
+    p.add_argument("--alpha", type=float, default=1.0, help="exponent of the 'power' background")
+    p.add_argument("--conf_threshold", type=lambda s: None if s.lower() == "none" else float(s), default=0.95,
+                   help="pixels whose CRF confidence is below it become 255 (none: keep every label)")
+    p.add_argument("--n_workers", type=int, default=None, help="processes (default: all CPUs)")
+    p.add_argument("--overwrite", action="store_true", help="redo labels made with other parameters")
+    p.add_argument("--no-evaluate", action="store_true", help="do not score the labels against the ground truth")
+    return p
+
+
+@cli_main
+def crf_cli(argv=None) -> None:
+    "Console entry point `pot-crf`."
+    a = crf_parser().parse_args(argv)
+    with Run(a.run_dir).writing("pot-crf"):
+        print(make_crf_labels(a.run_dir, a.split, a.which, n_workers=a.n_workers, bg=a.bg, alpha=a.alpha,
+                              conf_threshold=a.conf_threshold, overwrite=a.overwrite))
+        if not a.no_evaluate:
+            r = evaluate_pseudo_labels(a.run_dir, a.split, method="crf")
+            print({k: r[k] for k in ("split", "miou", "mprecision", "mrecall", "labelled_fraction") if k in r})
+
+
+if __name__ == "__main__" and not hasattr(__import__("builtins"), "__IPYTHON__"): crf_cli()

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .core import BadInputError, JSONConfig, cli_main, file_sha256, resolve_device, keep_freed_memory
 from .cli import Parser, add_config_flags, add_run_flags, config_from_flags, parse_bool
-from .crf import check_crf_params, crf_inference
+from .crf import check_crf_params, crf_inference, densecrf
 from .data import IGNORE, PseudoLabels, label_png_ok, load_dataset, read_image_label, save_palette_png
 from .datasets import InferDataset, TrainDataset
 from .model import FrozenBN, build_encoder, calibrate_bn, load_imagenet_weights, read_state_dict, stage_channels
@@ -282,6 +282,7 @@ def infer_segmentation(run_dir, split: str = "val", scales=DEFAULT_TEST_SCALES, 
                        data_root: str | None = None, limit: int | None = None, overwrite: bool = False,
                        start_method: str | None = None) -> dict:
     "Write the predictions of the trained run `run_dir` for `split`: pred/<split>/raw (argmax) and, with `crf`, pred/<split>/crf; resumable."
+    if crf: densecrf()                                                             # installed? (one line if not)
     run = Run(run_dir)
     model, cfg = load_deeplab(run_dir)
     scales = tuple(float(s) for s in scales)
@@ -292,31 +293,32 @@ def infer_segmentation(run_dir, split: str = "val", scales=DEFAULT_TEST_SCALES, 
     params = dict(checkpoint_sha256=file_sha256(run.final_ckpt), scales=list(scales), flip=bool(flip), crf=crf_p)
     n = len(ds) if limit is None else min(limit, len(ds))
     kinds = ("raw", "crf") if crf else ("raw",)
-    preds = ImageOutputs(out, params, subdirs=("raw", "crf")).prepare([ds.name(i) for i in range(n)], overwrite)
-    todo = [i for i in range(n) if not all(label_png_ok(preds.path(ds.name(i), k), ds.image_size(i)) for k in kinds)]
-    dev = resolve_device(device)
-    keep_freed_memory()
-    model.to(dev, memory_format=torch.channels_last)
-    n_workers = pool_size(n_workers, len(todo))
-    pool = process_pool(n_workers, start_method=start_method) if crf and n_workers > 1 and todo else None
-    t0, t_net, pending = time.perf_counter(), 0.0, collections.deque()
-    try:
-        with tqdm(total=len(todo), desc=f"DeepLab {split}", disable=not todo) as bar:
-            for i in todo:
-                t1 = time.perf_counter()
-                item = inf[i]
-                probs = predict_probs(model, item["imgs"], item["size"], flip, cfg.amp).cpu().numpy()
-                t_net += time.perf_counter() - t1
-                save_palette_png(preds.path(ds.name(i), "raw"), probs.argmax(0).astype(np.uint8))
-                if not crf: bar.update(); continue
-                job = (ds.image(i), probs, preds.path(ds.name(i), "crf"), crf_p)
-                if pool is None: _crf_write(job); bar.update(); continue
-                pending.append(pool.apply_async(_crf_write, (job,)))
-                while len(pending) > 2 * n_workers or (pending and pending[0].ready()):
-                    pending.popleft().get(); bar.update()
-            while pending: pending.popleft().get(); bar.update()
-    finally:
-        if pool is not None: pool.terminate(); pool.join()
+    with run.writing(f"DeepLab predictions {split}"):                          # one writer per run folder
+        preds = ImageOutputs(out, params, subdirs=("raw", "crf")).prepare([ds.name(i) for i in range(n)], overwrite)
+        todo = [i for i in range(n) if not all(label_png_ok(preds.path(ds.name(i), k), ds.image_size(i)) for k in kinds)]
+        dev = resolve_device(device)
+        keep_freed_memory()
+        model.to(dev, memory_format=torch.channels_last)
+        n_workers = pool_size(n_workers, len(todo))
+        pool = process_pool(n_workers, start_method=start_method) if crf and n_workers > 1 and todo else None
+        t0, t_net, pending = time.perf_counter(), 0.0, collections.deque()
+        try:
+            with tqdm(total=len(todo), desc=f"DeepLab {split}", disable=not todo) as bar:
+                for i in todo:
+                    t1 = time.perf_counter()
+                    item = inf[i]
+                    probs = predict_probs(model, item["imgs"], item["size"], flip, cfg.amp).cpu().numpy()
+                    t_net += time.perf_counter() - t1
+                    save_palette_png(preds.path(ds.name(i), "raw"), probs.argmax(0).astype(np.uint8))
+                    if not crf: bar.update(); continue
+                    job = (ds.image(i), probs, preds.path(ds.name(i), "crf"), crf_p)
+                    if pool is None: _crf_write(job); bar.update(); continue
+                    pending.append(pool.apply_async(_crf_write, (job,)))
+                    while len(pending) > 2 * n_workers or (pending and pending[0].ready()):
+                        pending.popleft().get(); bar.update()
+                while pending: pending.popleft().get(); bar.update()
+        finally:
+            if pool is not None: pool.terminate(); pool.join()
     wall = time.perf_counter() - t0
     return dict(out=out, split=split, n_images=n, n_predicted=len(todo), n_kept=n - len(todo), kinds=kinds,
                 wall_s=wall, net_s_per_image=t_net / len(todo) if todo else None,
@@ -361,6 +363,7 @@ def seg_table(metrics: dict):
 def run_segmentation(cfg: DeepLabConfig, split: str = "val", scales=DEFAULT_TEST_SCALES, crf: bool = True,
                      n_workers: int | None = None, resume: bool = True, overwrite: bool = False) -> dict:
     "Stage 4: train DeepLabV2 on the pseudo labels (resumable), predict `split` (multi-scale + flip, CRF), evaluate; returns metrics."
+    if crf: densecrf()                                 # before training: a missing pydensecrf is one line now, not after it
     run = train_deeplab(cfg, resume=resume)
     if int(os.environ.get("RANK", "0")) != 0: return {}
     infer_segmentation(run, split, scales, crf=crf, n_workers=n_workers, device=cfg.device, overwrite=overwrite)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .core import BadInputError, JSONConfig, cli_main, file_sha256, load_checkpoint, resolve_device, keep_freed_memory
 from .cli import Parser, add_config_flags, add_run_flags, config_from_flags
-from .crf import CRF_PRESETS, check_crf_params, crf_inference, label_probs
+from .crf import CRF_PRESETS, check_crf_params, crf_inference, densecrf, label_probs
 from .data import PseudoLabels, load_dataset, read_label_png
 from .datasets import TrainDataset, normalize_image
 from .model import FrozenBN, build_encoder, calibrate_bn, freeze_stem_and_bn, load_imagenet_weights, resize, stage_channels
@@ -74,6 +74,7 @@ def cam_to_ir_label(run_dir, split: str | None = None, which: str = "final", con
                     data_root: str | None = None, limit: int | None = None, overwrite: bool = False,
                     start_method: str | None = None) -> dict:
     "IR labels (palette PNGs: confident classes, 0, 255 = unsure) of every image of `split` from the run's CAMs `which`; parallel, resumable."
+    densecrf()                                                                      # installed? (one line if not)
     run = Run(run_dir)
     dataset, data_root, split = run.source(dataset, data_root, split)
     ds = load_dataset(dataset, data_root, split)
@@ -85,9 +86,10 @@ def cam_to_ir_label(run_dir, split: str | None = None, which: str = "final", con
                   bg_scale=float(bg_scale), gt_prob=float(gt_prob), crf=crf)
     n = len(ds) if limit is None else min(limit, len(ds))
     run.require_cams(ds, n)
-    outputs = ImageOutputs(out, params).prepare([ds.name(i) for i in range(n)], overwrite)
-    t0 = time.perf_counter()
-    results = map_images(IRJob(ds, run, outputs, params), list(range(n)), n_workers, f"IR labels {split}", start_method)
+    with run.writing(f"IR labels {split}"):                                         # one writer per run folder
+        outputs = ImageOutputs(out, params).prepare([ds.name(i) for i in range(n)], overwrite)
+        t0 = time.perf_counter()
+        results = map_images(IRJob(ds, run, outputs, params), list(range(n)), n_workers, f"IR labels {split}", start_method)
     return count_results(results, out=out, split=split, which=which, wall_s=time.perf_counter() - t0)
 
 # %% ../nbs/14_irn.ipynb #3af7a240
@@ -235,8 +237,9 @@ def train_irn(run_dir, cfg: IRNConfig | None = None, split: str | None = None, r
         with torch.autocast(batch["img"].device.type, enabled=False):
             return irn_losses(o, label, paths, world_size())
 
-    return fit(run.sub("irn"), cfg, build, step_losses, desc=f"train IRN {run.root.name}", resume=resume,
-               meta=dict(dataset=dataset, data_root=str(data_root), split=split))
+    with run.writing(f"train IRN {split}"):        # the POT run, whose irn/ this writes (fit locks irn/ itself)
+        return fit(run.sub("irn"), cfg, build, step_losses, desc=f"train IRN {run.root.name}", resume=resume,
+                   meta=dict(dataset=dataset, data_root=str(data_root), split=split))
 
 
 def load_irn(run_dir, map_location="cpu") -> tuple[IRNet, IRNConfig]:
@@ -318,10 +321,11 @@ def make_irn_labels(run_dir, split: str | None = None, which: str = "final", bet
                   sem_seg_bg_thres=float(sem_seg_bg_thres), irn_checkpoint_sha256=file_sha256(run.sub("irn").final_ckpt))
     n = len(ds) if limit is None else min(limit, len(ds))
     run.require_cams(ds, n)
-    job = IRNJob(ds, run, ImageOutputs(out, params).prepare([ds.name(i) for i in range(n)], overwrite),
-                 dict(params, walk_method=method), model, dev)
-    t0 = time.perf_counter()
-    results = map_images(job, list(range(n)), 1, f"IRN labels {split}")          # one process: the network and the walk use torch's threads
+    with run.writing(f"IRN labels {split}"):                                        # one writer per run folder
+        job = IRNJob(ds, run, ImageOutputs(out, params).prepare([ds.name(i) for i in range(n)], overwrite),
+                     dict(params, walk_method=method), model, dev)
+        t0 = time.perf_counter()
+        results = map_images(job, list(range(n)), 1, f"IRN labels {split}")      # one process: the network and the walk use torch's threads
     if n_figure and n:
         rows = []
         for i in range(min(n_figure, n)):
@@ -356,12 +360,13 @@ def irn_cli(argv=None) -> None:
     cfg, resume = config_from_flags(a, IRNConfig, default_preset="toyvoc" if dataset == "toyvoc" else dataset)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and stage != "train":
         raise BadInputError("under torchrun only --stage train runs (IR labels and the random walk are single-process stages)")
-    if stage in ("all", "ir"): print(cam_to_ir_label(run_dir, split, which=which, overwrite=overwrite))
-    if stage in ("all", "train"): train_irn(run_dir, cfg, split, resume=resume)
-    if stage in ("all", "labels"):
-        print(make_irn_labels(run_dir, split, which=which, device=cfg.device, overwrite=overwrite))
-        from pot.crf import evaluate_pseudo_labels
-        print({k: v for k, v in evaluate_pseudo_labels(run_dir, split, method="irn").items() if k in ("miou", "precision", "recall")})
+    with Run(run_dir).writing(f"pot-irn --stage {stage}"):           # no other writer between the steps
+        if stage in ("all", "ir"): print(cam_to_ir_label(run_dir, split, which=which, overwrite=overwrite))
+        if stage in ("all", "train"): train_irn(run_dir, cfg, split, resume=resume)
+        if stage in ("all", "labels"):
+            print(make_irn_labels(run_dir, split, which=which, device=cfg.device, overwrite=overwrite))
+            from pot.crf import evaluate_pseudo_labels
+            print({k: v for k, v in evaluate_pseudo_labels(run_dir, split, method="irn").items() if k in ("miou", "precision", "recall")})
 
 # %% ../nbs/14_irn.ipynb #86b72f70
 if __name__ == "__main__" and not hasattr(__import__("builtins"), "__IPYTHON__"): irn_cli()

@@ -5,11 +5,14 @@
 # %% ../nbs/04a_runs.ipynb #84092899
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import multiprocessing as mp
 import os
 import random
 import shutil
+import socket
 import sys
 import time
 from pathlib import Path
@@ -26,11 +29,90 @@ from .core import (BadInputError, seed_everything, resolve_device, keep_freed_me
 from .data import label_png_ok, read_image_label, save_palette_png
 from .metrics import SegEvaluator
 
+try: import fcntl
+except ImportError: fcntl = None          # no flock (Windows): the lock falls back to the recorded pid
+
 # %% auto #0
-__all__ = ['BN_CALIB_BATCHES', 'Run', 'epoch_batches', 'poly_lr', 'calibration_images', 'init_distributed', 'world_size',
-           'amp_dtype', 'rng_state', 'set_rng_state', 'fit', 'default_workers', 'ImageOutputs', 'PerImage',
-           'LabelFromCAMs', 'process_pool', 'pool_size', 'map_images', 'count_results', 'scored_images',
-           'score_label_files']
+__all__ = ['LOCK_FILE', 'BN_CALIB_BATCHES', 'lock_holder', 'writer_lock', 'Run', 'epoch_batches', 'poly_lr', 'calibration_images',
+           'init_distributed', 'world_size', 'amp_dtype', 'rng_state', 'set_rng_state', 'fit', 'default_workers',
+           'ImageOutputs', 'PerImage', 'LabelFromCAMs', 'process_pool', 'pool_size', 'map_images', 'count_results',
+           'scored_images', 'score_label_files']
+
+# %% ../nbs/04a_runs.ipynb #d0393c59
+LOCK_FILE = ".writer.lock"
+_HELD: dict[str, list] = {}          # resolved lock file → [fd, depth] of the locks this process holds
+
+
+def _forget_held() -> None:
+    "In a forked child: close the inherited lock files, so that a lock ends with the process that took it."
+    for fd, _ in _HELD.values():
+        with contextlib.suppress(OSError): os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"): os.register_at_fork(after_in_child=_forget_held)
+
+
+def _flock(fd: int) -> bool | None:
+    "Try an exclusive `flock` on `fd` without waiting: True taken, False held by another process, None when there is no flock here."
+    if fcntl is None: return None
+    try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError: return False
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS): return None
+        raise
+    return True
+
+
+def _pid_alive(pid: int) -> bool:
+    "Whether process `pid` exists on this host."
+    if pid <= 0: return False
+    try: os.kill(pid, 0)
+    except ProcessLookupError: return False
+    except PermissionError: return True
+    return True
+
+
+def lock_holder(folder) -> dict:
+    "What `folder`'s lock file records of its last holder (pid, host, what, since; {} when none)."
+    try: return json.loads((Path(folder) / LOCK_FILE).read_text() or "{}")
+    except (OSError, ValueError): return {}
+
+
+@contextlib.contextmanager
+def writer_lock(folder, what: str = "") -> Iterator[Path]:
+    "Hold the one-writer lock of `folder` (created if needed) while the block runs; reentrant; `BadInputError` naming the holder when another process has it."
+    if int(os.environ.get("RANK", "0")) > 0:             # torchrun: rank 0 holds it for the job
+        yield Path(folder) / LOCK_FILE; return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_FILE
+    key = str(path.resolve())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try: yield path
+        finally: _HELD[key][1] -= 1
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        got, h = _flock(fd), lock_holder(folder)
+        if got is None:                                   # no flock: the recorded pid decides
+            got = not (h.get("host") == socket.gethostname() and h.get("pid") != os.getpid() and _pid_alive(int(h.get("pid") or 0)))
+        if not got:
+            pid = h.get("pid", "unknown")
+            raise BadInputError(f"{folder} is being written by another process (pid {pid} on {h.get('host', '?')}: "
+                                f"{h.get('what') or 'a pot stage'}, since {h.get('since', '?')}); wait until it ends, or stop it "
+                                f"(kill {pid}) and run the same command again to resume")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), what=what,
+                                      since=time.strftime("%Y-%m-%d %H:%M:%S"))).encode(), 0)
+        _HELD[key] = [fd, 1]
+        try: yield path
+        finally:
+            _HELD.pop(key, None)
+            os.ftruncate(fd, 0)                           # a finished holder names no one
+    finally:
+        os.close(fd)                                      # releases the flock
 
 # %% ../nbs/04a_runs.ipynb #64a20b15
 class Run:
@@ -70,6 +152,10 @@ class Run:
     def figure(self, name: str) -> Path:
         "Where figure `name` (a file name) is saved."
         return self.root / "figures" / name
+
+    def writing(self, what: str = ""):
+        "Context manager: hold this folder's one-writer lock (`writer_lock`) while a stage (`what`) writes it."
+        return writer_lock(self.root, what)
 
     def sub(self, name: str) -> "Run":
         "A run folder inside this one (IRN's `irn/`)."
@@ -125,7 +211,7 @@ class Run:
         missing = [ds.name(i) for i in range(n) if not self.cam_file(ds.name(i)).is_file()]
         if missing:
             raise BadInputError(f"{self.cams_dir}: no CAM file for {len(missing)} of the {n} listed image(s) of split {ds.split!r}, "
-                                f"e.g. {missing[:5]}; run infer_cams for this split first")
+                                f"e.g. {missing[:5]}; make them first: pot-cams --run_dir {self.root} --split {ds.split}")
 
     def check_cam_classes(self, name: str, keys, labels) -> np.ndarray:
         "The class indices `keys` (1..C) of image `name`'s CAM file as int64, after checking they are its multi-hot `labels` (C,)."
@@ -138,7 +224,7 @@ class Run:
     def image_cams(self, name: str, which: str, labels, size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
         "(keys (n,) label indices 1..C, float32 maps (n,H,W)) of the CAM `which` of image `name`, checked against its multi-hot `labels` (C,) and `size` (H,W)."
         path = self.cam_file(name)
-        if not path.is_file(): raise BadInputError(f"{path}: missing CAM file for image {name}; run infer_cams first")
+        if not path.is_file(): raise BadInputError(f"{path}: missing CAM file for image {name}; make the CAMs first: pot-cams --run_dir {self.root}")
         z = load_npz(path, required=("keys", which))
         keys, maps = self.check_cam_classes(name, z["keys"], labels), z[which]
         if maps.shape != (len(keys), *size):
@@ -152,10 +238,11 @@ class Run:
 
     def record_metrics(self, **entries) -> dict:
         "Merge `entries` into `metrics.json` (a dict entry one level deep, anything else replaced), atomically; return all metrics."
-        m = self.metrics()
-        for k, v in entries.items():
-            m[k] = {**m[k], **v} if isinstance(v, dict) and isinstance(m.get(k), dict) else v
-        save_json(self.metrics_file, m)
+        with self.writing("metrics.json"):
+            m = self.metrics()
+            for k, v in entries.items():
+                m[k] = {**m[k], **v} if isinstance(v, dict) and isinstance(m.get(k), dict) else v
+            save_json(self.metrics_file, m)
         return m
 
 # %% ../nbs/04a_runs.ipynb #5f8738f2
@@ -261,7 +348,9 @@ def fit(out, cfg, build: Callable, step_losses: Callable, *, desc: str = "train"
     rank, world, device, created_group = init_distributed(device)
     run = Run(out)
     final, last = run.final_ckpt, run.last_ckpt
+    held = contextlib.ExitStack()
     try:
+        if rank == 0: held.enter_context(run.writing(desc))     # one writer: a second process on this folder fails here
         stored = load_json(run.config_file) if resume and run.config_file.exists() else {}
         if stored: run.check_config(stored["config"], cfg)
         if resume and final.exists():
@@ -342,6 +431,7 @@ def fit(out, cfg, build: Callable, step_losses: Callable, *, desc: str = "train"
         _barrier(world)
         return run.root
     finally:
+        held.close()
         if created_group: dist.destroy_process_group()
 
 # %% ../nbs/04a_runs.ipynb #00693cb2

@@ -70,8 +70,12 @@ def _background(rng, H, W) -> np.ndarray:
 @functools.cache
 def _photos() -> tuple:
     "The photographs that ship with scikit-image and scikit-learn, as float32 (h, w, 3) arrays in 0..255 (loaded once)."
-    import skimage.data
-    from sklearn.datasets import load_sample_images
+    try:
+        import skimage.data
+        from sklearn.datasets import load_sample_images
+    except ImportError as e:
+        raise BadInputError(f'the photo backgrounds come with scikit-image and scikit-learn, an optional dependency: '
+                            f'pip install "pot-wsss[photos]" ({type(e).__name__}: {e})') from None
     colour = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket(),
               skimage.data.hubble_deep_field(), skimage.data.immunohistochemistry(), skimage.data.stereo_motorcycle()[0],
               *load_sample_images().images]
