@@ -131,7 +131,7 @@ def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, 
     for i in todo: by_size.setdefault(ds.image_size(i), []).append(i)
     chunks = [idx[j:j + batch] for idx in by_size.values() for j in range(0, len(idx), batch)]
     g = torch.Generator().manual_seed(cfg.seed)
-    with tqdm(total=len(todo), desc=f"CAMs {split}", disable=not todo) as bar:
+    with run.writing(f"CAM inference {split}"), tqdm(total=len(todo), desc=f"CAMs {split}", disable=not todo) as bar:
         for chunk in chunks:
             items = [inf[i] for i in chunk]
             size = tuple(int(s) for s in items[0]["size"])
@@ -165,11 +165,11 @@ def evaluate_cams(run_dir, split: str | None = None, data_root: str | None = Non
     settings = cam_settings(cfg, run_dir)
     for i, gt in scored_images(ds, desc=f"eval CAMs {split}"):
         path = run.cam_file(ds.name(i))
-        if not path.is_file(): raise BadInputError(f"{path}: missing CAM file for image {ds.name(i)}; run infer_cams first")
+        if not path.is_file(): raise BadInputError(f"{path}: missing CAM file for image {ds.name(i)}; run pot-cams --run_dir {run_dir} --split {split}")
         z = load_npz(path, required=("keys", *which))
         if "settings" not in z or str(z["settings"]) != settings:
             raise BadInputError(f"{path}: CAMs made with other settings than the run's config.json ({CAM_SETTINGS} and the "
-                                f"checkpoint); run infer_cams({str(run_dir)!r}) to remake them")
+                                f"checkpoint); run pot-cams --run_dir {run_dir} --split {split} to remake them")
         keys = run.check_cam_classes(ds.name(i), z["keys"], ds.labels(i))
         for w in which: evs[w].add(gt, z[w].astype(np.float32), keys)
     results = {w: evs[w].result(split=split, which=w) for w in which}

@@ -73,7 +73,8 @@ def run_stage(name: str, notebook, run_dir, params: dict, force: bool = False, p
     if not force and rec_path.is_file():
         rec = load_json(rec_path)
         if _same(rec, str(notebook), effective): return dict(rec, skipped=True)
-    import papermill as pm
+    try: import papermill as pm
+    except ImportError: raise BadInputError('run_stage needs papermill: pip install "pot-wsss[notebooks]"') from None
     out_nb = Path(run_dir) / f"{name}.ipynb"
     out_nb.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
