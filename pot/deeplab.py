@@ -162,7 +162,7 @@ class DeepLabConfig(JSONConfig):
     scale: tuple = (0.5, 1.5)         # random rescale range
     batch_size: int = 10              # crops per step, all processes together
     epochs: int = 3                   # training epochs
-    lr: float = 1e-3                  # base learning rate of the encoder (poly decay)
+    lr: float = 2.5e-4                # base learning rate of the encoder (poly decay); from random weights use 1e-3 (`15_deeplab`, 4.)
     head_lr_mult: float = 10.0        # the ASPP head learns at head_lr_mult × lr
     momentum: float = 0.9             # SGD momentum
     weight_decay: float = 5e-4        # weight decay
