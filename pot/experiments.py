@@ -174,7 +174,7 @@ def seed_table(df: pd.DataFrame, rows: dict = SEED_ROWS, paired: dict = PAIRED_R
         for name, (a, b) in paired.items():
             if a in d and b in d: t.loc[name] = d[a] - d[b]
     t.columns = [f"seed {s}" for s in t.columns]
-    return _mean_sd(t).round(2)
+    return _mean_sd(t)                     # unrounded: markdown_table rounds once
 
 
 def precision_recall_table(df: pd.DataFrame, rows: dict = SEED_ROWS) -> pd.DataFrame:
@@ -264,4 +264,4 @@ def pipeline_seed_table(results: dict) -> pd.DataFrame:
     for key, name in PIPELINE_COLUMNS.items():
         for arm in PIPELINE_ARMS: t[f"{name}: {arm}"] = {f"seed {s}": r[arm][key] for s, r in results.items()}
         t[f"{name}: POT − baseline"] = {f"seed {s}": r["pot"][key] - r["baseline"][key] for s, r in results.items()}
-    return _mean_sd(pd.DataFrame(t).T).round(2)
+    return _mean_sd(pd.DataFrame(t).T)
