@@ -19,7 +19,7 @@ from .runs import Run, ImageOutputs, scored_images
 from .cluster import normalize_with_background
 from .activation import pot_cams
 from .data import load_dataset
-from .datasets import InferDataset, magnification
+from .datasets import InferDataset
 from .metrics import CAMEvaluator
 from . import viz
 
@@ -116,8 +116,7 @@ def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, 
     keep_freed_memory()
     split = split or cfg.eval_split
     ds = load_dataset(cfg.dataset, data_root or cfg.data_root, split)
-    inf = InferDataset(ds, scales=cfg.cam_scales, reference=cfg.scale_reference)
-    pot_inf = InferDataset(ds, scales=cfg.pot_scales)           # POT's features: the image at the scale it trained at
+    inf = InferDataset(ds, scales=cfg.cam_scales, reference=cfg.scale_reference, own_scales=cfg.pot_scales)   # POT: own size
     seeds = None
     if cfg.seed_source == "clip-es":
         from pot.clip_es import load_seed_cam
@@ -138,10 +137,8 @@ def infer_cams(run_dir, split: str | None = None, data_root: str | None = None, 
             imgs = [torch.stack([it["imgs"][j] for it in items]) for j in range(len(inf.scales))]
             labels = torch.stack([torch.as_tensor(it["label"]) for it in items]).float()
             seed = torch.stack([seeds(i, size) for i in chunk]) if seeds is not None else None
-            pot_imgs = None
-            if magnification(size, cfg.scale_reference) != 1:
-                pot_items = [pot_inf[i] for i in chunk]
-                pot_imgs = [torch.stack([it["imgs"][j] for it in pot_items]) for j in range(len(pot_inf.scales))]
+            pot_imgs = [torch.stack([it["own_imgs"][j] for it in items]) for j in range(len(inf.own_scales))] \
+                if items[0]["own_imgs"] else None                      # magnified for the CAM: POT's own inputs
             m = batch_cams(model, imgs, labels, size, cfg, seeds=seed, Ks=Ks, generator=g, pot_imgs=pot_imgs)
             final = fuse_with_clip(seed.to(m["pot"].device), m["pot"], cfg.beta_fuse) if seed is not None else m["pot"]
             for b, i in enumerate(chunk):

@@ -112,10 +112,14 @@ def magnification(hw: tuple[int, int], reference: int | None) -> float:
 
 
 class InferDataset(torch.utils.data.Dataset):
-    "Multi-scale + flipped, normalised copies of each image of a `VOCLayout`, for CAM inference; `scales` relative to a long side of `reference` px (`magnification`)."
-    def __init__(self, ds: VOCLayout, scales: Sequence[float] = PAPER_CAM_SCALES, reference: int | None = None):
-        if not scales or any(s <= 0 for s in scales): raise BadInputError(f"scales={scales}; expected positive numbers")
+    """Multi-scale + flipped, normalised copies of each image of a `VOCLayout`, for CAM inference: `imgs` at `scales`
+    relative to a long side of `reference` px (`magnification`); `own_imgs` at `own_scales` relative to the image itself,
+    only where it was magnified (empty otherwise: then they are `imgs` at those scales)."""
+    def __init__(self, ds: VOCLayout, scales: Sequence[float] = PAPER_CAM_SCALES, reference: int | None = None,
+                 own_scales: Sequence[float] = ()):
+        if not scales or any(s <= 0 for s in (*scales, *own_scales)): raise BadInputError(f"scales={scales}; expected positive numbers")
         self.ds, self.scales, self.reference = ds, tuple(float(s) for s in scales), reference
+        self.own_scales = tuple(float(s) for s in own_scales)
 
     def __len__(self) -> int: return len(self.ds)
 
@@ -123,8 +127,9 @@ class InferDataset(torch.utils.data.Dataset):
         x = normalize_image(self.ds.image(i))
         H, W = x.shape[-2:]
         r = magnification((H, W), self.reference)
-        imgs = []
-        for s in (s * r for s in self.scales):
-            xs = resize_chw(x, (max(1, round(H * s)), max(1, round(W * s))))
-            imgs.append(torch.stack([xs, xs.flip(-1)]))
-        return dict(imgs=imgs, label=torch.from_numpy(self.ds.labels(i)), index=i, name=self.ds.name(i), size=(H, W))
+        def at(scales):
+            for s in scales:
+                xs = resize_chw(x, (max(1, round(H * s)), max(1, round(W * s))))
+                yield torch.stack([xs, xs.flip(-1)])
+        return dict(imgs=list(at(s * r for s in self.scales)), own_imgs=list(at(self.own_scales)) if r != 1 else [],
+                    label=torch.from_numpy(self.ds.labels(i)), index=i, name=self.ds.name(i), size=(H, W))
